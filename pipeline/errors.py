@@ -1,0 +1,48 @@
+"""Typed errors of the core; the adapters (Cog, RunPod) map them to their own failure forms.
+
+Every message names the field (or file) at fault, the rule and the value, in the style of
+diffusers' ``check_inputs``: "`steps` must be at most 100, got 500".
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+
+class InvalidInput(PipelineError, ValueError):
+    """A request field breaks a rule of the request schema."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"`{field}` {message}")
+
+
+class ImageInputError(InvalidInput):
+    """The reference image could not be fetched, decoded or accepted."""
+
+
+class NoFaceFound(InvalidInput):
+    """The reference image holds no detectable face."""
+
+    def __init__(self, field: str):
+        super().__init__(field, f"holds no detectable face: no face found in {field}")
+
+
+class FaceSwapNotApplied(PipelineError):
+    """The swap could not be applied and the request asked for it to be required."""
+
+
+class WeightsMissing(PipelineError):
+    """Model files are absent, truncated or do not match the lock."""
+
+
+class OutputTooLarge(InvalidInput):
+    """The encoded response would exceed the transport's size limit."""
+
+
+def shorten(value: object, limit: int = 80) -> str:
+    """repr() of a value, cut to ``limit`` characters so error messages stay readable."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

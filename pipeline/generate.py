@@ -1,0 +1,89 @@
+"""Text-to-image on the primary SDXL checkpoint, with the seed system's recipe.
+
+The recipe (facts reproduced from the deployed system): the prompt prefixes below, DPM++ 2M SDE
+with Karras sigmas, the request's cfg and steps, and a seeded generator. Latents and sampler noise
+come from a CPU generator so the same request and seed give the same image on every run (byte
+for byte on the CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+from PIL import Image
+
+from pipeline.device import Runtime
+
+log = logging.getLogger(__name__)
+
+# Prompt prefixes of the seed recipe. The negative prefix uses A1111 weighting syntax; diffusers
+# reads it as plain text, exactly as the deployed system passed it.
+POSITIVE_PREFIX = "RAW photo, masterpiece, "
+NEGATIVE_PREFIX = "(worst quality, low quality:1.4), "
+
+# DPM++ 2M SDE Karras, as diffusers spells it.
+SAMPLER = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one SDXL sampling run needs; the prompts are the user's, before prefixing."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    seed: int
+
+
+def recipe_prompts(prompt: str, negative_prompt: str) -> tuple[str, str]:
+    """The user's prompts with the recipe's prefixes."""
+    return POSITIVE_PREFIX + prompt, NEGATIVE_PREFIX + negative_prompt
+
+
+def recipe_scheduler(config: Any) -> DPMSolverMultistepScheduler:
+    """DPM++ 2M SDE with Karras sigmas, built from a checkpoint's scheduler config."""
+    return DPMSolverMultistepScheduler.from_config(config, **SAMPLER)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    # A CPU generator: the noise does not depend on the GPU model or the CUDA version.
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def load_text_pipeline(checkpoint: Path, config_dir: Path,
+                       runtime: Runtime) -> StableDiffusionXLPipeline:
+    """Load an SDXL single-file checkpoint offline, with the recipe's sampler, on the runtime."""
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        str(checkpoint), config=str(config_dir), local_files_only=True,
+        torch_dtype=runtime.dtype)
+    pipe.scheduler = recipe_scheduler(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(runtime.device)
+
+
+def text_to_image(pipe: StableDiffusionXLPipeline, params: GenerationParams,
+                  **pipeline_kwargs: Any) -> Image.Image:
+    """One SDXL generation. `pipeline_kwargs` carries the identity stage's extras
+    (`ip_adapter_image_embeds`, ...); without them this is text mode."""
+    prompt, negative = recipe_prompts(params.prompt, params.negative_prompt)
+    with torch.inference_mode():
+        result = pipe(
+            prompt=prompt,
+            negative_prompt=negative,
+            width=params.width,
+            height=params.height,
+            num_inference_steps=params.steps,
+            guidance_scale=params.cfg,
+            generator=seeded_generator(params.seed),
+            output_type="pil",
+            **pipeline_kwargs,
+        )
+    return result.images[0]
