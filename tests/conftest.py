@@ -1,0 +1,61 @@
+"""Shared fixtures: an offline environment, the tiny-twin weights, and real server processes.
+
+Every model a test loads comes from tiny twins written by `pipeline.twins` into a temporary
+folder in the production layout; servers run as real processes on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Offline and self-contained before anything imports huggingface, insightface or ultralytics:
+# onnxruntime and ultralytics write under HOME and their config dir.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="tests-home-"))
+os.environ["HOME"] = str(_SANDBOX)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", str(_SANDBOX / "ultralytics"))
+os.environ.setdefault("PIPELINE_DEVICE", "cpu")
+
+from scripts.local_servers import CogServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A complete tiny-twin weights tree, written once per test session."""
+    from pipeline.twins import write_tiny_weights
+
+    root = tmp_path_factory.mktemp("weights")
+    write_tiny_weights(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cog_server(tiny_weights, tmp_path_factory):
+    """The real Cog HTTP server (coglet) serving predict.py:Predictor on the tiny twins, with
+    the OpenAPI schema file present so it validates inputs like a built image."""
+    server = CogServer(ROOT, tiny_weights, tmp_path_factory.mktemp("cog"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_weights):
+    """One in-process Predictor on the tiny twins (what the RunPod worker holds)."""
+    import warnings
+
+    os.environ["WEIGHTS_DIR"] = str(tiny_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from predict import Predictor
+    instance = Predictor()
+    instance.setup()
+    return instance
