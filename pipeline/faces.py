@@ -1,0 +1,407 @@
+"""Face detection, choice, cropping, masking and identity scoring for face swap.
+
+Models (loaded once by `load_face_models`, then injected into every stage function):
+- InsightFace antelopev2 (SCRFD-10G detector + glintr100 ArcFace): the reference photo's faces,
+  their 5 keypoints and the identity embedding fed to InstantID (`Face.embedding`; InstantID was
+  trained on antelopev2 embeddings), and keypoints for the target face (InstantID's ControlNet).
+- InsightFace buffalo_l's recogniser (w600k_r50), loaded alone: `Face.score_embedding` of the
+  reference, the embedding IP-Adapter FaceID was trained on (use it for FaceID), and the
+  identity score of the result (`identity_similarity`): a second ArcFace model judges the swap,
+  so the score is not measured by the model that conditioned it.
+- YOLOv8m-face (ADetailer's `face_yolov8m.pt`): face boxes in the generated scene.
+- SAM ViT-B: the face mask from the target box.
+
+Order: every list of faces is sorted left to right by the box's left edge, then top to bottom,
+then larger first (`order_faces`); indices in requests and reports refer to that order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline.errors import InvalidInput, WeightsMissing, shorten
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+
+CROP_FACTOR = 2.5  # the region refined around a face: its box scaled 2.5x about its centre
+YOLO_CONFIDENCE = 0.5  # YOLOv8m-face boxes below this score are ignored
+YOLO_IMAGE_SIZE = 640  # YOLO input size (the model's training size)
+DET_SIZE = (640, 640)  # InsightFace detector input (its default is multi-scale: keep explicit)
+DET_THRESHOLD = 0.5  # InsightFace detector score threshold (its default)
+# SAM mask: keep pixels whose probability sigmoid(logit) >= 0.7 (SAM's own cut is 0.5, logit 0).
+SAM_MASK_THRESHOLD = 0.7
+MIN_MASK_FRACTION = 0.05  # a SAM mask covering less of the box falls back to the box's ellipse
+MATCH_IOU = 0.3  # an InsightFace face on the target crop belongs to the YOLO box at this IoU
+ARCFACE_SIZE = 112  # recogniser input
+ALIGNED_CROP_SIZE = 224  # aligned face crop for the CLIP image encoder (IP-Adapter)
+# Where the 5 keypoints (eyes, nose, mouth corners) sit in a face box when no landmark was
+# found: InsightFace's ArcFace alignment template (112x112), as fractions.
+KEYPOINT_FRACTIONS = ((0.3419, 0.4616), (0.6565, 0.4598), (0.5002, 0.6405),
+                      (0.3710, 0.8247), (0.6315, 0.8232))
+INSIGHTFACE_MODULES = ["detection", "recognition"]
+ANTELOPE_NEEDS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
+BUFFALO_RECOGNIZER = "w600k_r50.onnx"
+
+
+@dataclass
+class Face:
+    """One detected face. `embedding`: antelopev2 glintr100 (raw, 512); `score_embedding`:
+    buffalo_l w600k_r50 (raw, 512); both None where not computed."""
+
+    box: Box
+    score: float
+    keypoints: np.ndarray | None = None  # (5, 2): eyes, nose, mouth corners
+    embedding: np.ndarray | None = None
+    score_embedding: np.ndarray | None = None
+
+    @property
+    def area(self) -> float:
+        """Width times height of the box."""
+        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
+
+    def to_report(self) -> dict[str, Any]:
+        return {"box": [round(float(v), 1) for v in self.box],
+                "score": round(float(self.score), 4), "area": round(float(self.area), 1)}
+
+
+def order_faces(faces: list[Face]) -> list[Face]:
+    """Left to right by the box's left edge, then top to bottom, then larger first."""
+    return sorted(faces, key=lambda f: (round(f.box[0], 1), round(f.box[1], 1), -f.area))
+
+
+def template_keypoints(box: Box) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    fractions = np.asarray(KEYPOINT_FRACTIONS, dtype=np.float32)
+    return np.stack([x1 + fractions[:, 0] * (x2 - x1), y1 + fractions[:, 1] * (y2 - y1)], axis=1)
+
+
+def target_keypoints(face: Face) -> np.ndarray:
+    """The face's detected keypoints, else the alignment template laid on its box."""
+    if face.keypoints is not None:
+        return np.asarray(face.keypoints, dtype=np.float32)
+    return template_keypoints(face.box)
+
+
+def box_iou(a: Box, b: Box) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------- SAM
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """The shape-defining settings of segment-anything's `Sam` (see `build_sam`)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    image_size: int = 1024
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    prompt_dim: int = 256
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8  # no tensor shape reveals it; 8 in every published SAM
+    iou_hidden_dim: int = 256
+    mask_in_chans: int = 16
+
+
+SAM_VIT_B = SamConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11))
+
+
+def build_sam(config: SamConfig) -> torch.nn.Module:
+    """segment-anything's `Sam`: the registry's own builder for ViT-B, the same classes with
+    `config` otherwise (as `segment_anything.build_sam._build_sam` wires them)."""
+    from segment_anything import modeling as sa
+    from segment_anything import sam_model_registry
+
+    if config == SAM_VIT_B:
+        return sam_model_registry["vit_b"]().eval()
+    grid = config.image_size // config.patch_size
+    sam = sa.Sam(
+        image_encoder=sa.ImageEncoderViT(
+            depth=config.depth, embed_dim=config.embed_dim, img_size=config.image_size,
+            mlp_ratio=config.mlp_ratio, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=config.num_heads, patch_size=config.patch_size, qkv_bias=True,
+            use_rel_pos=True, global_attn_indexes=config.global_attn_indexes,
+            window_size=config.window_size, out_chans=config.prompt_dim),
+        prompt_encoder=sa.PromptEncoder(
+            embed_dim=config.prompt_dim, image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=config.mask_in_chans),
+        mask_decoder=sa.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=sa.TwoWayTransformer(
+                depth=config.decoder_depth, embedding_dim=config.prompt_dim,
+                mlp_dim=config.decoder_mlp_dim, num_heads=config.decoder_heads),
+            transformer_dim=config.prompt_dim, iou_head_depth=3,
+            iou_head_hidden_dim=config.iou_hidden_dim),
+        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    return sam.eval()
+
+
+def sam_config_from_state_dict(state: dict[str, torch.Tensor]) -> SamConfig:
+    """Read a SAM checkpoint's configuration back from its tensor shapes (the real ViT-B file
+    gives `SAM_VIT_B`; the tiny twin its small configuration)."""
+    encoder = "image_encoder."
+    grid, embed_dim = state[encoder + "pos_embed"].shape[1], state[encoder + "pos_embed"].shape[3]
+    depth = len({k.split(".")[2] for k in state if k.startswith(encoder + "blocks.")})
+    rel_sizes = [state[f"{encoder}blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
+    windows = [(size + 1) // 2 for size in rel_sizes if size != 2 * grid - 1]
+    head_dim = state[encoder + "blocks.0.attn.rel_pos_h"].shape[1]
+    patch = state[encoder + "patch_embed.proj.weight"].shape[-1]
+    layers = "mask_decoder.transformer.layers."
+    return SamConfig(
+        embed_dim=embed_dim, depth=depth, num_heads=embed_dim // head_dim,
+        global_attn_indexes=tuple(i for i, s in enumerate(rel_sizes) if s == 2 * grid - 1),
+        window_size=windows[0] if windows else 0, image_size=grid * patch, patch_size=patch,
+        mlp_ratio=state[encoder + "blocks.0.mlp.lin1.weight"].shape[0] / embed_dim,
+        prompt_dim=state[encoder + "neck.0.weight"].shape[0],
+        decoder_depth=len({k[len(layers):].split(".")[0] for k in state if k.startswith(layers)}),
+        decoder_mlp_dim=state[layers + "0.mlp.lin1.weight"].shape[0],
+        iou_hidden_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        mask_in_chans=state["prompt_encoder.mask_downscaling.3.weight"].shape[0])
+
+
+def load_sam(path: Path, device: torch.device) -> Any:
+    """A `SamPredictor` over the checkpoint at `path` (real ViT-B or the tiny twin)."""
+    from segment_anything import SamPredictor
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config = sam_config_from_state_dict(state)
+    except (OSError, RuntimeError, KeyError, IndexError, AttributeError, ValueError, EOFError,
+            pickle.UnpicklingError) as error:
+        raise WeightsMissing(f"{path} is not a readable SAM checkpoint: {error}") from error
+    if config != SAM_VIT_B:
+        log.warning("SAM checkpoint %s is not ViT-B (%s): a non-production model", path, config)
+    sam = build_sam(config)
+    sam.load_state_dict(state)
+    return SamPredictor(sam.to(device))
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class FaceModels:
+    """Every face model, loaded once."""
+
+    analysis: Any  # insightface FaceAnalysis, antelopev2 (detection + recognition)
+    scorer: Any  # insightface ArcFaceONNX, buffalo_l w600k_r50
+    yolo: Any  # ultralytics YOLO, face_yolov8m
+    sam: Any  # segment_anything SamPredictor
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+def face_model_files(layout: Layout) -> list[Path]:
+    """The files `load_face_models` reads."""
+    return [*(layout.antelopev2 / name for name in ANTELOPE_NEEDS),
+            layout.buffalo_l / BUFFALO_RECOGNIZER, layout.yolo_face, layout.sam_vit_b]
+
+
+def load_face_models(layout: Layout, device: torch.device | str = "cpu") -> FaceModels:
+    """Load every face model from `layout`; never downloads (a missing file raises
+    WeightsMissing naming it before any library could try)."""
+    layout.check_present(face_model_files(layout))
+    # ultralytics checks connectivity (DNS lookups) at import unless told it is offline
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    import onnxruntime
+    from insightface.app import FaceAnalysis
+    from insightface.model_zoo import get_model
+    from ultralytics import YOLO
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else [
+        "CPUExecutionProvider"]
+    available = onnxruntime.get_available_providers()
+    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    if providers != wanted:
+        log.warning("onnxruntime lacks %s: InsightFace runs on %s",
+                    sorted(set(wanted) - set(providers)), providers)
+    ctx_id = (device.index or 0) if "CUDAExecutionProvider" in providers else -1
+    # A folder path as `name` makes FaceAnalysis read it as is (no model-hub lookup).
+    analysis = FaceAnalysis(name=str(layout.antelopev2), root=str(layout.insightface_root),
+                            allowed_modules=INSIGHTFACE_MODULES, providers=providers)
+    analysis.prepare(ctx_id=ctx_id, det_thresh=DET_THRESHOLD, det_size=DET_SIZE)
+    scorer = get_model(str(layout.buffalo_l / BUFFALO_RECOGNIZER), providers=providers)
+    scorer.prepare(ctx_id=ctx_id)
+    yolo = YOLO(str(layout.yolo_face), task="detect")
+    return FaceModels(analysis=analysis, scorer=scorer, yolo=yolo,
+                      sam=load_sam(layout.sam_vit_b, device), device=device)
+
+
+# ------------------------------------------------------------------------------- detection
+
+
+def _bgr(image: Image.Image) -> np.ndarray:
+    """InsightFace reads OpenCV's BGR order."""
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+
+
+def _score_embedding(models: FaceModels, bgr: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
+    from insightface.utils.face_align import norm_crop
+
+    aligned = norm_crop(bgr, landmark=keypoints, image_size=ARCFACE_SIZE)
+    return models.scorer.get_feat(aligned).ravel().astype(np.float32)
+
+
+def _insightface(models: FaceModels, bgr: np.ndarray, offset: tuple[int, int] = (0, 0)
+                 ) -> list[Face]:
+    dx, dy = offset
+    faces = []
+    for found in models.analysis.get(bgr):
+        x1, y1, x2, y2 = (float(v) for v in found.bbox[:4])
+        keypoints = None
+        if found.kps is not None:
+            keypoints = np.asarray(found.kps, dtype=np.float32) + np.array([dx, dy], np.float32)
+        embedding = getattr(found, "embedding", None)
+        faces.append(Face(box=(x1 + dx, y1 + dy, x2 + dx, y2 + dy), score=float(found.det_score),
+                          keypoints=keypoints,
+                          embedding=None if embedding is None else np.asarray(
+                              embedding, dtype=np.float32)))
+    return faces
+
+
+def detect_reference_faces(models: FaceModels, image: Image.Image) -> list[Face]:
+    """Every face of the reference photo with keypoints and both embeddings, in face order."""
+    bgr = _bgr(image)
+    faces = _insightface(models, bgr)
+    for face in faces:
+        if face.keypoints is not None:
+            face.score_embedding = _score_embedding(models, bgr, face.keypoints)
+    log.info("reference: %d face(s)", len(faces))
+    return order_faces(faces)
+
+
+def _face_in_box(models: FaceModels, bgr: np.ndarray, box: Box) -> Face | None:
+    """InsightFace's detection on the crop around `box` that matches it best, if any."""
+    left, top, right, bottom = crop_box(box, (bgr.shape[1], bgr.shape[0]))
+    found = _insightface(models, np.ascontiguousarray(bgr[top:bottom, left:right]), (left, top))
+    best = max(found, key=lambda f: box_iou(f.box, box), default=None)
+    return best if best is not None and box_iou(best.box, box) >= MATCH_IOU else None
+
+
+def detect_target_faces(models: FaceModels, image: Image.Image) -> list[Face]:
+    """YOLOv8m-face boxes (score >= YOLO_CONFIDENCE) in the scene, in face order, each with the
+    keypoints and antelopev2 embedding of the InsightFace face found on its crop, if any."""
+    result = models.yolo.predict(image.convert("RGB"), conf=YOLO_CONFIDENCE,
+                                 imgsz=YOLO_IMAGE_SIZE, device=models.device, verbose=False)[0]
+    boxes = result.boxes.xyxy.cpu().numpy().tolist()
+    scores = result.boxes.conf.cpu().numpy().tolist()
+    bgr = _bgr(image)
+    faces = []
+    for box, score in zip(boxes, scores, strict=True):
+        face = Face(box=tuple(float(v) for v in box), score=float(score))
+        match = _face_in_box(models, bgr, face.box)
+        if match is not None:
+            face.keypoints, face.embedding = match.keypoints, match.embedding
+        faces.append(face)
+    log.info("scene: %d face(s), %d with keypoints", len(faces),
+             sum(f.keypoints is not None for f in faces))
+    return order_faces(faces)
+
+
+def choose_face(faces: list[Face], index: int | None, field: str) -> tuple[int, str]:
+    """(index, reason): the requested index ("index"), else the largest box by w*h ("largest";
+    the first in face order on ties)."""
+    if not faces:
+        raise InvalidInput(field, "cannot pick a face: none was found")
+    if index is not None:
+        if not 0 <= index < len(faces):
+            raise InvalidInput(field, f"must be between 0 and {len(faces) - 1} "
+                               f"({len(faces)} face(s) found), got {index}")
+        return index, "index"
+    return max(range(len(faces)), key=lambda i: (faces[i].area, -i)), "largest"
+
+
+def crop_box(box: Box, image_size: tuple[int, int],
+             crop_factor: float = CROP_FACTOR) -> tuple[int, int, int, int]:
+    """The region around `box` (its width and height times `crop_factor`, same centre), shifted
+    to stay inside the image where it fits and clipped where it does not; integer pixels."""
+    width, height = image_size
+    x1, y1, x2, y2 = box
+    spans = []
+    for low, high, limit in ((x1, x2, width), (y1, y2, height)):
+        size = min(float(limit), max(1.0, (high - low) * crop_factor))
+        start = (low + high) / 2 - size / 2
+        start = min(max(start, 0.0), limit - size)
+        first = max(0, min(limit - 1, int(np.floor(start))))
+        spans.append((first, max(first + 1, min(limit, int(np.ceil(start + size))))))
+    (left, right), (top, bottom) = spans
+    return left, top, right, bottom
+
+
+def _ellipse(size: tuple[int, int], box: Box) -> np.ndarray:
+    canvas = Image.new("L", size, 0)
+    ImageDraw.Draw(canvas).ellipse([box[0], box[1], box[2] - 1, box[3] - 1], fill=255)
+    return np.asarray(canvas) > 0
+
+
+def face_mask(models: FaceModels, image: Image.Image, box: Box,
+              threshold: float = SAM_MASK_THRESHOLD) -> np.ndarray:
+    """Boolean HxW mask of the face in `box`: SAM ViT-B prompted with the box, pixels with
+    sigmoid(logit) >= `threshold`, kept inside `crop_box(box)` (the region that is refined).
+    Falls back to the ellipse inscribed in the box when SAM covers < MIN_MASK_FRACTION of it."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"`threshold` must be strictly between 0 and 1, got {threshold}")
+    models.sam.set_image(np.asarray(image.convert("RGB")))
+    logits, _, _ = models.sam.predict(box=np.asarray(box, dtype=np.float32),
+                                      multimask_output=False, return_logits=True)
+    logit_cut = float(np.log(threshold / (1.0 - threshold)))
+    mask = np.asarray(logits[0]) >= logit_cut
+    left, top, right, bottom = crop_box(box, image.size)
+    region = np.zeros_like(mask)
+    region[top:bottom, left:right] = True
+    mask &= region
+    inside = _ellipse(image.size, box)
+    if mask[inside].sum() < MIN_MASK_FRACTION * max(1, inside.sum()):
+        log.warning("SAM mask covers little of face box %s: using the box's ellipse", box)
+        return inside
+    return mask
+
+
+def identity_similarity(models: FaceModels, reference: Face, image: Image.Image,
+                        box: Box) -> float:
+    """Cosine similarity of buffalo_l ArcFace embeddings: `reference.score_embedding` against
+    the face in `box` of `image` (aligned on InsightFace's keypoints found on its crop, else on
+    the template laid on the box)."""
+    if not isinstance(reference, Face) or reference.score_embedding is None:
+        raise ValueError("`reference` must be a Face from detect_reference_faces (its buffalo_l "
+                         f"score_embedding is compared), got {shorten(reference)}")
+    bgr = _bgr(image)
+    match = _face_in_box(models, bgr, box)
+    keypoints = match.keypoints if match is not None and match.keypoints is not None else (
+        template_keypoints(box))
+    other = _score_embedding(models, bgr, keypoints)
+    ref = np.asarray(reference.score_embedding, dtype=np.float32)
+    denominator = float(np.linalg.norm(ref) * np.linalg.norm(other))
+    return float(ref @ other) / denominator if denominator > 0 else 0.0
+
+
+def aligned_face_crop(image: Image.Image, face: Face) -> Image.Image:
+    """The face aligned as InsightFace aligns for ArcFace, at 224x224 (CLIP's input size)."""
+    from insightface.utils.face_align import norm_crop
+
+    rgb = np.asarray(image.convert("RGB"))
+    return Image.fromarray(norm_crop(rgb, landmark=target_keypoints(face),
+                                     image_size=ALIGNED_CROP_SIZE))
