@@ -1,0 +1,30 @@
+"""Tiny twins: every production model, with random weights, in the production on-disk layout.
+
+`write_tiny_weights(root)` (CLI: `python -m pipeline.weights tiny DIR`) writes a complete weights
+tree that the production loaders read unchanged, in seconds and without network: the two SDXL
+single-file checkpoints and their config folder, the face models (InsightFace ONNX, YOLO, SAM),
+the identity models (CLIP ViT-H encoder, IP-Adapters, InstantID) and the picker's GGUF files.
+The images they make are noise; the code paths are the real ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.layout import Layout
+
+
+def write_tiny_weights(root: Path) -> Layout:
+    """Write every twin under `root`; returns the layout. The SDXL twins come first: the identity
+    twins are sized on the SDXL twin's UNet config."""
+    from pipeline.twins.faces import write_face_twins
+    from pipeline.twins.identity import write_identity_twins
+    from pipeline.twins.picker import write_picker_twins
+    from pipeline.twins.sdxl import write_sdxl_twins
+
+    layout = Layout(Path(root))
+    write_sdxl_twins(layout)
+    write_face_twins(layout)
+    write_identity_twins(layout)
+    write_picker_twins(layout)
+    return layout

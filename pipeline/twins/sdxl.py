@@ -1,0 +1,330 @@
+"""Tiny twins of the two SDXL single-file checkpoints and of the SDXL config folder.
+
+Written in the production layout and read by the production loaders unchanged
+(`from_single_file(checkpoint, config=layout.sdxl_config, local_files_only=True)`):
+
+- `layout.sdxl_config`: a diffusers folder laid out like `stabilityai/stable-diffusion-xl-base-1.0`
+  (model_index.json, scheduler/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, unet/,
+  vae/), configs and tokenizer files only, describing tiny components: two CLIP text encoders
+  of widths 32 and 48 (single-file loading tells them apart by width; the second has 10 layers
+  because `infer_diffusers_model_type` recognises SDXL base by its 10th OpenCLIP block), a UNet
+  with SDXL's block structure at widths (32, 64), a 4-block VAE (scale factor 8, as SDXL's), the
+  SDXL Euler scheduler config and a byte-level CLIP BPE tokenizer built here (256 byte symbols,
+  the same with `</w>`, a few merges, then `<|startoftext|>` and `<|endoftext|>`).
+- `layout.cyberrealistic` and `layout.juggernaut`: fp16 safetensors in the original (sgm)
+  key layout: `model.diffusion_model.*`, `first_stage_model.*`,
+  `conditioner.embedders.0.transformer.text_model.*` (CLIP-L, transformers names) and
+  `conditioner.embedders.1.model.*` (OpenCLIP: fused `in_proj_*`, transposed `text_projection`).
+  The tiny diffusers components are converted diffusers -> original here, the inverse of
+  diffusers' `single_file_utils` conversion. The two checkpoints use different seeds.
+
+Every parameter is random (the library's init plus noise, so no two norms are alike and a
+swapped key cannot round-trip unnoticed). Deterministic; no network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DTYPE = torch.float16  # both real files are fp16 (CyberRealistic "FP16", ~7 GB Juggernaut)
+SEED_OFFSETS = {"cyberrealistic": 0, "juggernaut": 1}  # checkpoint seed = seed + offset
+NOISE_STD = 0.02  # added to every initialised parameter
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MERGES = ("i n", "t h", "a n", "e r", "o n</w>", "th e</w>", "e s", "o r", "a r", "m a")
+MAX_LENGTH = 77  # CLIP's context, as the real tokenizers and position embeddings
+TEXT_WIDTHS = (32, 48)  # CLIP-L stand-in, OpenCLIP bigG stand-in (real: 768, 1280)
+TIME_EMBED_DIM = 8  # addition_time_embed_dim (real: 256); 6 time ids
+
+UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (32, 64), "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "transformer_layers_per_block": (1, 2),
+    "attention_head_dim": (2, 4), "use_linear_projection": True,
+    "cross_attention_dim": sum(TEXT_WIDTHS), "addition_embed_type": "text_time",
+    "addition_time_embed_dim": TIME_EMBED_DIM,
+    "projection_class_embeddings_input_dim": 6 * TIME_EMBED_DIM + TEXT_WIDTHS[1],
+    "norm_num_groups": 32,
+}
+VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (8, 16, 32, 32), "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 8, "sample_size": 1024,
+    "scaling_factor": 0.13025, "force_upcast": True,
+}
+SCHEDULER = {  # SDXL base's scheduler_config.json
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "steps_offset": 1, "timestep_spacing": "leading", "use_karras_sigmas": False,
+}
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2/CLIP's byte -> printable character table, in CLIP's vocabulary order (the printable
+    bytes keep their own character and come first, so "!" is id 0 as in the real vocabulary;
+    the other bytes map to chr(256 + n) in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [byte for byte in range(256) if byte not in printable]
+    return [chr(byte) for byte in printable] + [chr(256 + n) for n in range(len(shifted))]
+
+
+def tokenizer_vocab() -> dict[str, int]:
+    """CLIP's vocabulary order: byte symbols, the same with `</w>`, merge results, specials."""
+    symbols = byte_symbols()
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *(m.replace(" ", "") for m in MERGES),
+              BOS, EOS]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _write_tokenizer(folder: Path, pad_token: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer_vocab(), ensure_ascii=False),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n",
+                                       encoding="utf-8")
+    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    config = {**specials, "add_prefix_space": False, "clean_up_tokenization_spaces": True,
+              "do_lower_case": True, "errors": "replace", "model_max_length": MAX_LENGTH,
+              "tokenizer_class": "CLIPTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---------------------------------------------------------------------------- config folder
+
+
+def _text_config(width: int, layers: int, act: str, pad_token: str) -> CLIPTextConfig:
+    vocab = tokenizer_vocab()
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+        hidden_act=act, projection_dim=width, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+        pad_token_id=vocab[pad_token])
+
+
+def write_sdxl_config(folder: Path) -> None:
+    """The diffusers config folder (configs + tokenizers, no weights) of the tiny SDXL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    EulerDiscreteScheduler(**SCHEDULER).save_config(folder / "scheduler")
+    UNet2DConditionModel.from_config(UNET).save_config(folder / "unet")
+    AutoencoderKL.from_config(VAE).save_config(folder / "vae")
+    text_1 = _text_config(TEXT_WIDTHS[0], 2, "quick_gelu", EOS)
+    text_1.architectures = ["CLIPTextModel"]
+    text_1.save_pretrained(folder / "text_encoder")
+    # 10 layers: the xl_base marker key is OpenCLIP's resblocks.9 (the real bigG has 32).
+    text_2 = _text_config(TEXT_WIDTHS[1], 10, "gelu", "!")
+    text_2.architectures = ["CLIPTextModelWithProjection"]
+    text_2.save_pretrained(folder / "text_encoder_2")
+    _write_tokenizer(folder / "tokenizer", pad_token=EOS)
+    _write_tokenizer(folder / "tokenizer_2", pad_token="!")  # as SDXL base's tokenizer_2
+
+
+def tiny_components(config_dir: Path, seed: int) -> dict[str, nn.Module]:
+    """unet, vae, text_encoder, text_encoder_2 built from `config_dir`, every parameter random
+    under `seed` (float32)."""
+    torch.manual_seed(seed)
+    components: dict[str, nn.Module] = {
+        "unet": UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(config_dir / "unet")),
+        "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae")),
+        "text_encoder": CLIPTextModel(
+            CLIPTextConfig.from_pretrained(config_dir / "text_encoder")),
+        "text_encoder_2": CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(config_dir / "text_encoder_2")),
+    }
+    with torch.no_grad():
+        for module in components.values():
+            for parameter in module.parameters():
+                parameter.add_(torch.randn_like(parameter) * NOISE_STD)
+            module.eval()
+    return components
+
+
+# ---------------------------------------------------------------------------- diffusers -> original
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                  "to_out.0": "proj_out"}
+
+
+def _unet_prefixes(config: dict) -> list[tuple[str, str, bool]]:
+    """(diffusers prefix, original prefix, is a resnet) for every block of the UNet."""
+    per_block = config["layers_per_block"]
+    rows = [("conv_in.", "input_blocks.0.0.", False), ("time_embedding.linear_1.", "time_embed.0.",
+            False), ("time_embedding.linear_2.", "time_embed.2.", False),
+            ("add_embedding.linear_1.", "label_emb.0.0.", False),
+            ("add_embedding.linear_2.", "label_emb.0.2.", False),
+            ("conv_norm_out.", "out.0.", False), ("conv_out.", "out.2.", False),
+            ("mid_block.resnets.0.", "middle_block.0.", True),
+            ("mid_block.attentions.0.", "middle_block.1.", False),
+            ("mid_block.resnets.1.", "middle_block.2.", True)]
+    for block in range(len(config["down_block_types"])):
+        first = 1 + block * (per_block + 1)
+        for layer in range(per_block):
+            rows += [(f"down_blocks.{block}.resnets.{layer}.", f"input_blocks.{first + layer}.0.",
+                      True),
+                     (f"down_blocks.{block}.attentions.{layer}.",
+                      f"input_blocks.{first + layer}.1.", False)]
+        rows.append((f"down_blocks.{block}.downsamplers.0.conv.",
+                     f"input_blocks.{first + per_block}.0.op.", False))
+    for block, kind in enumerate(config["up_block_types"]):
+        first = block * (per_block + 1)
+        for layer in range(per_block + 1):
+            rows += [(f"up_blocks.{block}.resnets.{layer}.", f"output_blocks.{first + layer}.0.",
+                      True),
+                     (f"up_blocks.{block}.attentions.{layer}.",
+                      f"output_blocks.{first + layer}.1.", False)]
+        # The upsampler follows the last layer's attention when the block has one.
+        slot = 2 if kind.startswith("CrossAttn") else 1
+        rows.append((f"up_blocks.{block}.upsamplers.0.conv.",
+                     f"output_blocks.{first + per_block}.{slot}.conv.", False))
+    return rows
+
+
+def _rename(state: dict[str, torch.Tensor], rows: list[tuple[str, str, bool]],
+            suffixes: dict[str, str], component: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        match = next(((new, old, sub) for new, old, sub in rows if key.startswith(new)), None)
+        if match is None:
+            raise ValueError(f"{component}: parameter {key!r} has no original-layout name")
+        new, old, rename_suffix = match
+        rest = key[len(new):]
+        if rename_suffix:
+            head, _, tail = rest.partition(".")
+            rest = f"{suffixes.get(head, head)}.{tail}"
+        out[old + rest] = value
+    return out
+
+
+def unet_to_original(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """UNet state dict in the `model.diffusion_model.*` layout."""
+    state = _rename(unet.state_dict(), _unet_prefixes(dict(unet.config)), _UNET_RESNET, "unet")
+    return {UNET_PREFIX + key: value for key, value in state.items()}
+
+
+def vae_to_original(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """VAE state dict in the `first_stage_model.*` layout (decoder blocks in reverse order,
+    attention projections as 1x1 convolutions)."""
+    count = len(vae.config.up_block_types)
+    rows = [("encoder.conv_norm_out.", "encoder.norm_out.", False),
+            ("decoder.conv_norm_out.", "decoder.norm_out.", False)]
+    for part in ("encoder", "decoder"):
+        rows += [(f"{part}.mid_block.resnets.{i}.", f"{part}.mid.block_{i + 1}.", True)
+                 for i in range(2)]
+        rows.append((f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", False))
+    for i in range(count):
+        rows += [(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.", False),
+                 (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.",
+                  False),
+                 (f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{count - 1 - i}.block.", False),
+                 (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{count - 1 - i}.upsample.",
+                  False)]
+    rows += [(name, name, False) for name in ("encoder.", "decoder.", "quant_conv.",
+                                              "post_quant_conv.")]
+    state = {}
+    for key, value in _rename(vae.state_dict(), rows, {}, "vae").items():
+        if ".mid.attn_1." in key:
+            prefix, _, rest = key.partition(".mid.attn_1.")
+            name, _, leaf = rest.rpartition(".")
+            key = f"{prefix}.mid.attn_1.{_VAE_ATTENTION[name]}.{leaf}"
+            if leaf == "weight" and name != "group_norm":
+                value = value[:, :, None, None]
+        key = key.replace("conv_shortcut", "nin_shortcut")
+        state[VAE_PREFIX + key] = value
+    return state
+
+
+def clip_l_to_original(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
+    """CLIP-L keeps transformers' names under `conditioner.embedders.0.transformer.text_model.`
+    (transformers >= 5.6 flattened CLIPTextModel, so its own keys lack `text_model.`)."""
+    return {CLIP_L_PREFIX + (key if key.startswith("text_model.") else "text_model." + key): value
+            for key, value in text_encoder.state_dict().items()}
+
+
+def open_clip_to_original(text_encoder_2: CLIPTextModelWithProjection
+                          ) -> dict[str, torch.Tensor]:
+    """OpenCLIP layout: `transformer.resblocks.N.*` with q, k, v fused into `attn.in_proj_*`,
+    `text_projection` as (width, projection) for `x @ text_projection`."""
+    state = text_encoder_2.state_dict()
+    out = {"positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
+           "token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
+           "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+           "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+           "text_projection": state.pop("text_projection.weight").T.contiguous()}
+    layers = text_encoder_2.config.num_hidden_layers
+    for n in range(layers):
+        src, dst = f"text_model.encoder.layers.{n}.", f"transformer.resblocks.{n}."
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat(
+                [state.pop(f"{src}self_attn.{p}_proj.{leaf}") for p in "qkv"])
+            for new, old in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                             ("mlp.fc2", "mlp.c_proj")):
+                out[f"{dst}{old}.{leaf}"] = state.pop(f"{src}{new}.{leaf}")
+    if state:
+        raise ValueError(f"text_encoder_2: parameters without an OpenCLIP name: {sorted(state)}")
+    return {OPEN_CLIP_PREFIX + key: value for key, value in out.items()}
+
+
+def to_original_checkpoint(components: dict[str, nn.Module],
+                           dtype: torch.dtype = CHECKPOINT_DTYPE) -> dict[str, torch.Tensor]:
+    """One sgm-layout state dict of all four components, in `dtype`."""
+    state = {**unet_to_original(components["unet"]), **vae_to_original(components["vae"]),
+             **clip_l_to_original(components["text_encoder"]),
+             **open_clip_to_original(components["text_encoder_2"])}
+    return {key: value.detach().to(dtype).contiguous() for key, value in state.items()}
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def checkpoint_seeds(seed: int) -> dict[str, int]:
+    """The seed each checkpoint's components are drawn under, by Layout attribute name."""
+    return {name: seed + offset for name, offset in SEED_OFFSETS.items()}
+
+
+def write_sdxl_twins(layout: Layout, *, seed: int = 0) -> None:
+    """Write the SDXL config folder and both tiny single-file checkpoints under `layout`."""
+    write_sdxl_config(layout.sdxl_config)
+    for name, checkpoint_seed in checkpoint_seeds(seed).items():
+        path: Path = getattr(layout, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = to_original_checkpoint(tiny_components(layout.sdxl_config, checkpoint_seed))
+        save_file(state, str(path), metadata={"format": "pt"})
+        log.info("wrote SDXL twin %s (%d tensors, %d bytes)", path, len(state),
+                 path.stat().st_size)

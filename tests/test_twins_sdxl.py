@@ -1,0 +1,169 @@
+"""The tiny SDXL twins load through the production calls and hold exactly the weights they were
+converted from: proof that the diffusers -> original key mapping is the inverse of diffusers'
+own single-file conversion."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPTokenizer
+
+from pipeline.layout import Layout
+from pipeline.twins.sdxl import (
+    BOS,
+    EOS,
+    MERGES,
+    checkpoint_seeds,
+    tiny_components,
+    tokenizer_vocab,
+    write_sdxl_twins,
+)
+
+PROMPT = "RAW photo, masterpiece, a woman"
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory) -> Layout:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    layout = Layout(tmp_path_factory.mktemp("sdxl-weights"))
+    start = time.perf_counter()
+    write_sdxl_twins(layout)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, f"writing the SDXL twins took {elapsed:.1f} s"
+    return layout
+
+
+def load_text_pipeline(path: Path, layout: Layout) -> StableDiffusionXLPipeline:
+    """The production call of `pipeline.generate.load_text_pipeline`."""
+    return StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(layout.sdxl_config), local_files_only=True,
+        torch_dtype=torch.float32)
+
+
+def test_config_folder_is_sdxl_base_shaped(layout):
+    folder = layout.sdxl_config
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["force_zeros_for_empty_prompt"] is True
+    for name in ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                 "unet", "vae"):
+        assert (folder / name).is_dir(), name
+    assert not list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.bin"))
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == 32 + 48
+    assert unet["projection_class_embeddings_input_dim"] == 6 * 8 + 48
+    assert len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) == 4
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "EulerDiscreteScheduler"
+
+
+@pytest.mark.parametrize("name", ["cyberrealistic", "juggernaut"])
+def test_checkpoint_is_original_layout_fp16_sdxl_base(layout, name):
+    state = load_file(str(getattr(layout, name)))
+    assert infer_diffusers_model_type(state) == "xl_base"
+    assert {value.dtype for value in state.values()} == {torch.float16}
+    prefixes = ("model.diffusion_model.", "first_stage_model.",
+                "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
+    assert all(key.startswith(prefixes) for key in state)
+    assert state["conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+                 ].shape == (3 * 48, 48)
+    assert state["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
+    assert "model.diffusion_model.output_blocks.2.2.conv.weight" in state  # upsampler after attn
+    components = tiny_components(layout.sdxl_config, checkpoint_seeds(0)[name])
+    # One tensor per parameter, except q, k, v fused into OpenCLIP's in_proj (weight and bias).
+    fused = 2 * 2 * components["text_encoder_2"].config.num_hidden_layers
+    assert len(state) == sum(len(components[c].state_dict()) for c in COMPONENTS) - fused
+    assert getattr(layout, name).stat().st_size < 10_000_000
+
+
+@pytest.mark.parametrize("name", ["cyberrealistic", "juggernaut"])
+def test_round_trip_is_exact(layout, name):
+    start = time.perf_counter()
+    pipe = load_text_pipeline(getattr(layout, name), layout)
+    assert time.perf_counter() - start < 30
+    expected = tiny_components(layout.sdxl_config, checkpoint_seeds(0)[name])
+    for component in COMPONENTS:
+        loaded = dict(getattr(pipe, component).named_parameters())
+        reference = dict(expected[component].named_parameters())
+        assert loaded.keys() == reference.keys(), component
+        for key, value in reference.items():
+            assert torch.equal(loaded[key].detach().half(), value.detach().half()), \
+                f"{component}.{key} differs after the round trip"
+
+
+def test_checkpoints_differ_and_writer_is_deterministic(layout, tmp_path):
+    cyber = load_file(str(layout.cyberrealistic))
+    jugg = load_file(str(layout.juggernaut))
+    key = "model.diffusion_model.out.2.weight"
+    assert not torch.equal(cyber[key], jugg[key])
+    again = Layout(tmp_path)
+    write_sdxl_twins(again)
+    for name in ("cyberrealistic", "juggernaut"):
+        digests = {hashlib.sha256(getattr(x, name).read_bytes()).hexdigest()
+                   for x in (layout, again)}
+        assert len(digests) == 1, name
+
+
+def test_tokenizers_encode_within_vocab(layout):
+    vocab = tokenizer_vocab()
+    for folder in ("tokenizer", "tokenizer_2"):
+        tokenizer = CLIPTokenizer.from_pretrained(layout.sdxl_config / folder)
+        ids = tokenizer(PROMPT, padding="max_length", max_length=77).input_ids
+        assert len(ids) == 77
+        assert ids[0] == vocab[BOS] and vocab[EOS] in ids
+        assert all(0 <= i < len(vocab) for i in ids)
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        assert tokens[1:4] == ["r", "a", "w</w>"]  # lower-cased, byte-level, word ends
+        assert "ma" in tokens and "er" in tokens  # the merges apply
+        assert tokenizer.pad_token == (EOS if folder == "tokenizer" else "!")
+        assert tokenizer.convert_tokens_to_ids("!") == 0  # as in the real CLIP vocabulary
+    assert len(MERGES) + 2 * 256 + 2 == len(vocab)
+
+
+def test_text_generation_runs(layout):
+    pipe = load_text_pipeline(layout.cyberrealistic, layout)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate() -> np.ndarray:
+        return pipe(PROMPT, negative_prompt="blurry", num_inference_steps=2, height=64,
+                    width=64, generator=torch.Generator().manual_seed(1),
+                    output_type="np").images
+
+    first = generate()
+    assert first.shape == (1, 64, 64, 3) and np.isfinite(first).all()
+    assert first.std() > 0
+    np.testing.assert_array_equal(first, generate())
+
+
+def test_controlnet_inpaint_pipeline_loads_juggernaut(layout):
+    reference = tiny_components(layout.sdxl_config, checkpoint_seeds(0)["juggernaut"])
+    controlnet = ControlNetModel.from_unet(reference["unet"])
+    pipe = StableDiffusionXLControlNetInpaintPipeline.from_single_file(
+        str(layout.juggernaut), controlnet=controlnet, config=str(layout.sdxl_config),
+        local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    weight = "conv_in.weight"
+    assert torch.equal(pipe.unet.get_parameter(weight).half(),
+                       reference["unet"].get_parameter(weight).half())
+    image = Image.new("RGB", (64, 64), (120, 90, 60))
+    mask = Image.new("L", (64, 64), 255)
+    out = pipe("a woman", image=image, mask_image=mask, control_image=image,
+               num_inference_steps=2, strength=1.0, height=64, width=64,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
