@@ -1,0 +1,407 @@
+"""`weights.lock`: every model file pinned by source, size and sha256, and the CLI around it.
+
+The lock speaks cog's own weights-lock shape (replicate/cog `pkg/weights/lockfile`):
+``{"version": 1, "weights": [{"name", "target", "sources": [{"uri"}], "files": [{"path", "size",
+"digest": "sha256:..."}]}]}``. ``target`` is a folder relative to the weights root (the same
+folders as `pipeline.layout.Layout`); each file lands at ``<root>/<target>/<path>`` and is
+downloaded from ``<source uri>/<path>`` (later sources are mirrors of the first). An entry may
+also say ``"license"`` and ``"gated": true`` (needs a Hugging Face token at fetch time). A
+``null`` size or digest means "not pinned yet": `lock` fills it in on a machine with network.
+
+    python -m pipeline.weights fetch DIR [--lock weights.lock]   # download, verify, atomic
+    python -m pipeline.weights verify DIR [--lock PATH]          # size first, then sha256
+    python -m pipeline.weights lock [--lock PATH]                # fill null sizes/digests
+    python -m pipeline.weights tiny DIR                          # tiny twins + weights.tiny.lock
+
+Importable without torch: stdlib here, `requests` in `pipeline.weights_fetch`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import WeightsMissing
+from pipeline.layout import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+LOCK_VERSION = 1
+DEFAULT_LOCK = PROJECT_ROOT / "weights.lock"
+TINY_LOCK_NAME = "weights.tiny.lock"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_ENTRY_KEYS = ("name", "target", "license", "gated", "sources", "files")  # canonical order
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+class LockFormatError(ValueError):
+    """`weights.lock` breaks its format; the message names the key, the rule and the value."""
+
+
+@dataclass(frozen=True)
+class LockSource:
+    """Where an entry's files come from: ``<uri>/<file path>``."""
+
+    uri: str
+
+
+@dataclass(frozen=True)
+class LockFile:
+    """One file of an entry, relative to the entry's target folder."""
+
+    path: str
+    size: int | None
+    digest: str | None  # "sha256:<64 hex>"
+
+    @property
+    def pinned(self) -> bool:
+        return self.size is not None and self.digest is not None
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One model: a target folder under the weights root and the files that land in it."""
+
+    name: str
+    target: str
+    sources: list[LockSource]
+    files: list[LockFile]
+    license: str | None = None
+    gated: bool = False
+
+    def url(self, file: LockFile, source: LockSource) -> str:
+        return source.uri.rstrip("/") + "/" + file.path
+
+
+@dataclass(frozen=True)
+class Lock:
+    """A parsed `weights.lock`."""
+
+    weights: list[WeightEntry]
+    version: int = LOCK_VERSION
+
+    def items(self) -> list[tuple[WeightEntry, LockFile]]:
+        return [(entry, f) for entry in self.weights for f in entry.files]
+
+
+# ---------------------------------------------------------------------------- format
+
+
+def relative_path(value: object, key: str) -> PurePosixPath:
+    """A lock path as a safe relative POSIX path: no absolute path, no `..`, no backslash."""
+    if not isinstance(value, str) or not value:
+        raise LockFormatError(f"`{key}` must be a non-empty string, got {value!r}")
+    parts = value.split("/")
+    if value.startswith("/") or "\\" in value or re.match(r"[A-Za-z]:", value) \
+            or any(p in ("", ".", "..") for p in parts):
+        raise LockFormatError(f"`{key}` must be a relative path inside the weights folder "
+                              f"(no leading '/', '..', '.', '\\' or empty part), got {value!r}")
+    return PurePosixPath(value)
+
+
+def _parse_file(raw: object, key: str) -> LockFile:
+    if not isinstance(raw, dict):
+        raise LockFormatError(f"`{key}` must be an object, got {raw!r}")
+    for k in raw:
+        if k not in ("path", "size", "digest"):
+            raise LockFormatError(f"`{key}.{k}` is not a key of a lock file entry")
+    relative_path(raw.get("path"), f"{key}.path")
+    size, digest = raw.get("size"), raw.get("digest")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+        raise LockFormatError(f"`{key}.size` must be a byte count (integer >= 0) or null, "
+                              f"got {size!r}")
+    if digest is not None and (not isinstance(digest, str) or not _DIGEST.fullmatch(digest)):
+        raise LockFormatError(f"`{key}.digest` must be 'sha256:' + 64 lowercase hex digits or "
+                              f"null, got {digest!r}")
+    return LockFile(raw["path"], size, digest)
+
+
+def _parse_entry(raw: object, key: str) -> WeightEntry:
+    if not isinstance(raw, dict):
+        raise LockFormatError(f"`{key}` must be an object, got {raw!r}")
+    for k in raw:
+        if k not in _ENTRY_KEYS:
+            raise LockFormatError(f"`{key}.{k}` is not a key of a weights entry "
+                                  f"(allowed: {', '.join(_ENTRY_KEYS)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise LockFormatError(f"`{key}.name` must be a name like 'sam-vit-b', got {name!r}")
+    relative_path(raw.get("target"), f"{key}.target")
+    sources = raw.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise LockFormatError(f"`{key}.sources` must be a non-empty list, got {sources!r}")
+    parsed_sources = []
+    for i, src in enumerate(sources):
+        uri = src.get("uri") if isinstance(src, dict) else None
+        if not isinstance(src, dict) or set(src) != {"uri"} \
+                or not isinstance(uri, str) or not re.match(r"https?://[^/\s]+/?\S*$", uri):
+            raise LockFormatError(f"`{key}.sources[{i}]` must be {{\"uri\": \"http(s)://...\"}}, "
+                                  f"got {src!r}")
+        parsed_sources.append(LockSource(uri))
+    files = raw.get("files")
+    if not isinstance(files, list) or not files:
+        raise LockFormatError(f"`{key}.files` must be a non-empty list, got {files!r}")
+    license_, gated = raw.get("license"), raw.get("gated", False)
+    if license_ is not None and not isinstance(license_, str):
+        raise LockFormatError(f"`{key}.license` must be a string, got {license_!r}")
+    if not isinstance(gated, bool):
+        raise LockFormatError(f"`{key}.gated` must be true or false, got {gated!r}")
+    return WeightEntry(name, raw["target"], parsed_sources,
+                       [_parse_file(f, f"{key}.files[{i}]") for i, f in enumerate(files)],
+                       license_, gated)
+
+
+def parse_lock(data: object, where: str = "weights.lock") -> Lock:
+    """Validate a decoded lock document; errors name the bad key."""
+    if not isinstance(data, dict):
+        raise LockFormatError(f"{where}: the document must be a JSON object, got {type(data)}")
+    for k in data:
+        if k not in ("version", "weights"):
+            raise LockFormatError(f"{where}: `{k}` is not a top-level key (version, weights)")
+    if data.get("version") != LOCK_VERSION or isinstance(data.get("version"), bool):
+        raise LockFormatError(f"{where}: `version` must be {LOCK_VERSION}, "
+                              f"got {data.get('version')!r}")
+    weights = data.get("weights")
+    if not isinstance(weights, list):
+        raise LockFormatError(f"{where}: `weights` must be a list, got {weights!r}")
+    try:
+        entries = [_parse_entry(e, f"weights[{i}]") for i, e in enumerate(weights)]
+    except LockFormatError as exc:
+        raise LockFormatError(f"{where}: {exc}") from None
+    names, dests = set(), set()
+    for i, entry in enumerate(entries):
+        if entry.name in names:
+            raise LockFormatError(f"{where}: `weights[{i}].name` {entry.name!r} is used twice")
+        names.add(entry.name)
+        for f in entry.files:
+            dest = f"{entry.target}/{f.path}"
+            if dest in dests:
+                raise LockFormatError(f"{where}: `weights[{i}]` puts a second file at {dest!r}")
+            dests.add(dest)
+    return Lock(entries)
+
+
+def load_lock(path: Path | str) -> Lock:
+    """Read and validate a lock file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LockFormatError(f"lock file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise LockFormatError(f"{path}: not valid JSON ({exc})") from None
+    return parse_lock(data, str(path))
+
+
+def lock_to_dict(lock: Lock) -> dict:
+    """The canonical JSON form: entries in order, each entry's files sorted by path."""
+    out = []
+    for e in lock.weights:
+        d: dict = {"name": e.name, "target": e.target}
+        if e.license is not None:
+            d["license"] = e.license
+        if e.gated:
+            d["gated"] = True
+        d["sources"] = [{"uri": s.uri} for s in e.sources]
+        d["files"] = [{"path": f.path, "size": f.size, "digest": f.digest}
+                      for f in sorted(e.files, key=lambda f: f.path)]
+        out.append(d)
+    return {"version": lock.version, "weights": out}
+
+
+def save_lock(lock: Lock, path: Path | str) -> None:
+    """Write the lock atomically (temp file + rename) in canonical form."""
+    path = Path(path)
+    text = json.dumps(lock_to_dict(lock), indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".weights-lock-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def destination(root: Path, entry: WeightEntry, file: LockFile) -> Path:
+    """Where a lock file lands, refusing any path that would leave `root`."""
+    rel = relative_path(entry.target, f"{entry.name}.target") / relative_path(
+        file.path, f"{entry.name}.files.path")
+    dest = Path(root) / rel
+    base = Path(root).resolve()
+    if not dest.resolve().is_relative_to(base):
+        raise LockFormatError(f"`{entry.name}` file {rel} resolves outside {root} "
+                              "(a symlink escapes the weights folder)")
+    return dest
+
+
+def sha256_file(path: Path) -> str:
+    """'sha256:<hex>' of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_CHUNK):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def check_file(path: Path, file: LockFile, label: str, *, allow_unpinned: bool,
+               hash_it: bool = True) -> str | None:
+    """One file against its lock record: None when good, else one problem line."""
+    line = _check_size(path, file, label, allow_unpinned=allow_unpinned)
+    return line if line or not hash_it else _check_digest(path, file, label)
+
+
+def _check_size(path: Path, file: LockFile, label: str, *, allow_unpinned: bool) -> str | None:
+    if not path.is_file():
+        return f"missing: {label}"
+    if not file.pinned and not allow_unpinned:
+        return (f"unpinned: {label} (the lock has no size and/or digest for it; "
+                "run `python -m pipeline.weights lock`)")
+    size = path.stat().st_size
+    if file.size is not None and size != file.size:
+        return f"size mismatch: {label} (expected {file.size} bytes, got {size})"
+    return None
+
+
+def _check_digest(path: Path, file: LockFile, label: str) -> str | None:
+    if file.digest is None:
+        return None
+    digest = sha256_file(path)
+    if digest != file.digest:
+        return f"digest mismatch: {label} (expected {file.digest}, got {digest})"
+    return None
+
+
+def problems(root: Path, lock: Lock, *, allow_unpinned: bool = False,
+             trusted: frozenset[Path] = frozenset()) -> list[str]:
+    """Every bad file under `root`: all presence and size checks first (cheap), then sha256 of
+    the files that passed them (files in `trusted`, just verified by `fetch`, are not re-hashed).
+    """
+    found: list[str] = []
+    to_hash: list[tuple[Path, LockFile, str]] = []
+    for entry, f in lock.items():
+        label = f"{entry.target}/{f.path}"
+        try:
+            dest = destination(root, entry, f)
+        except LockFormatError as exc:
+            found.append(f"unsafe path: {label} ({exc})")
+            continue
+        line = _check_size(dest, f, label, allow_unpinned=allow_unpinned)
+        if line:
+            found.append(line)
+        elif dest not in trusted:
+            to_hash.append((dest, f, label))
+    for dest, f, label in to_hash:
+        line = _check_digest(dest, f, label)
+        if line:
+            found.append(line)
+    return found
+
+
+def raise_problems(root: Path, lines: list[str]) -> None:
+    if lines:
+        raise WeightsMissing(f"{len(lines)} model file(s) under {root} do not match the lock: "
+                             + "; ".join(lines))
+
+
+def verify(root: Path | str, lock: Lock, *, allow_unpinned: bool = False) -> None:
+    """Check every file (missing, size, then sha256); raise WeightsMissing listing ALL bad ones."""
+    root = Path(root)
+    raise_problems(root, problems(root, lock, allow_unpinned=allow_unpinned))
+    log.info("verified %d file(s) under %s", len(lock.items()), root)
+
+
+def lock_from_tree(root: Path | str, template: Lock) -> Lock:
+    """A lock with the template's names and targets listing the files actually under each target
+    (sizes and digests computed); entries with no file are left out. Used for the tiny twins,
+    whose file sets differ from the production ones. A file the template lists belongs to that
+    entry; any other file to the entry with the deepest target holding it (the first such entry
+    when several share a target)."""
+    root = Path(root)
+    owner: dict[Path, str] = {}
+    for entry, f in template.items():
+        p = root / entry.target / f.path
+        if p.is_file() and not p.is_symlink():
+            owner[p] = entry.name
+    by_depth = sorted(template.weights, key=lambda e: -len(PurePosixPath(e.target).parts))
+    for entry in by_depth:
+        base = root / entry.target
+        if base.is_dir():
+            for p in sorted(base.rglob("*")):
+                if p.is_file() and not p.is_symlink() and not p.name.endswith(".part"):
+                    owner.setdefault(p, entry.name)
+    entries = []
+    for entry in template.weights:
+        base = root / entry.target
+        files = [LockFile(p.relative_to(base).as_posix(), p.stat().st_size, sha256_file(p))
+                 for p, name in sorted(owner.items()) if name == entry.name]
+        if files:
+            entries.append(replace(entry, files=files))
+    return Lock(entries)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _tiny(directory: Path, lock_path: Path) -> Path:
+    from pipeline.twins import write_tiny_weights  # lazy: needs torch, diffusers, ...
+
+    write_tiny_weights(directory)
+    tiny = lock_from_tree(directory, load_lock(lock_path))
+    out = directory / TINY_LOCK_NAME
+    save_lock(tiny, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.weights", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_fetch = sub.add_parser("fetch", help="download every locked file into DIR and verify it")
+    p_verify = sub.add_parser("verify", help="check DIR against the lock (size, then sha256)")
+    p_lock = sub.add_parser("lock", help="fill null sizes/digests by downloading (needs network)")
+    p_tiny = sub.add_parser("tiny", help="write the tiny twins into DIR and DIR/weights.tiny.lock")
+    for p in (p_fetch, p_verify, p_tiny):
+        p.add_argument("directory", type=Path, metavar="DIR")
+    for p in (p_fetch, p_verify, p_lock, p_tiny):
+        p.add_argument("--lock", type=Path, default=DEFAULT_LOCK, help="default: %(default)s")
+    for p in (p_fetch, p_verify):
+        p.add_argument("--allow-unpinned", action="store_true",
+                       help="accept files whose size/digest the lock leaves null")
+    p_fetch.add_argument("--workers", type=int, default=4)
+    p_fetch.add_argument("--retries", type=int, default=3)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "tiny":
+            out = _tiny(args.directory, args.lock)
+            print(f"tiny twins written under {args.directory}; lock: {out}")
+            return 0
+        from pipeline import weights_fetch
+
+        lock = load_lock(args.lock)
+        if args.command == "verify":
+            verify(args.directory, lock, allow_unpinned=args.allow_unpinned)
+            print(f"ok: {len(lock.items())} file(s) under {args.directory} match {args.lock}")
+        elif args.command == "fetch":
+            weights_fetch.fetch(args.directory, lock, workers=args.workers, retries=args.retries,
+                                allow_unpinned=args.allow_unpinned)
+            print(f"ok: {len(lock.items())} file(s) fetched and verified under {args.directory}")
+        else:
+            filled = weights_fetch.lock_fill(args.lock)
+            print(f"ok: {filled} file record(s) filled in {args.lock}")
+        return 0
+    except (WeightsMissing, LockFormatError, OSError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
