@@ -20,8 +20,12 @@ from typing import Any
 from PIL import Image
 
 from pipeline.device import pick_runtime
+from pipeline.faces import load_face_models
+from pipeline.faceswap import FaceSwapStage
 from pipeline.generate import GenerationParams, load_text_pipeline, text_to_image
+from pipeline.identity import IdentityModels
 from pipeline.layout import Layout, weights_dir
+from pipeline.picker import FacePicker
 from pipeline.schema import MAX_SEED, Request
 
 log = logging.getLogger(__name__)
@@ -75,7 +79,7 @@ def resolve_seed(request: Request) -> int:
 class CharacterService:
     """Holds the loaded models and runs requests, one at a time."""
 
-    def __init__(self, text_pipe: Any, face_swap: Any | None = None):
+    def __init__(self, text_pipe: Any, face_swap: FaceSwapStage):
         self.text_pipe = text_pipe
         self.face_swap = face_swap
         self._lock = threading.Lock()
@@ -87,8 +91,12 @@ class CharacterService:
         layout.check_present(layout.text_files())
         runtime = pick_runtime()
         started = time.perf_counter()
+        # The picker first: llama.cpp reserves its vision buffers before the SDXL pipelines
+        # take their share of the GPU (docs/picker.md).
+        picker = FacePicker.load(layout, n_gpu_layers=-1 if runtime.is_cuda else 0)
         text_pipe = load_text_pipeline(layout.cyberrealistic, layout.sdxl_config, runtime)
-        face_swap = None
+        face_swap = FaceSwapStage(load_face_models(layout, runtime.device),
+                                  IdentityModels.load(layout, runtime, text_pipe), picker)
         log.info("models loaded in %.1f s on %s", time.perf_counter() - started,
                  runtime.device)
         return cls(text_pipe, face_swap)
@@ -111,9 +119,6 @@ class CharacterService:
         timings = Timings()
         with self._lock:
             if request.wants_face_swap:
-                if self.face_swap is None:
-                    raise RuntimeError("face swap requested but the face-swap models are "
-                                       "not loaded")
                 image, report = self.face_swap.run(request, params, timings, notify)
                 return Result(image, seed, "face_swap", dict(timings), report)
             notify("generating")

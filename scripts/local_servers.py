@@ -78,3 +78,47 @@ class CogServer:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+class RunPodServer:
+    """`python runpod_adapter.py --rp_serve_api`: the RunPod SDK's local API on loopback."""
+
+    def __init__(self, root: Path, weights: Path, workdir: Path, **env: str):
+        self.root, self.weights, self.workdir, self.extra_env = root, weights, workdir, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "runpod-server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = server_env(self.weights, self.workdir, **self.extra_env)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "runpod_adapter.py", "--rp_serve_api", "--rp_api_host",
+             "127.0.0.1", "--rp_api_port", str(self.port)],
+            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"RunPod worker exited: {self.log()}")
+            try:  # the SDK's local server has no health route; its API page answers when up
+                if requests.get(f"{self.url}/docs", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"RunPod worker not ready after {STARTUP_TIMEOUT_S} s: {self.log()}")
+
+    def runsync(self, payload: dict, timeout: float = 300) -> dict:
+        return requests.post(f"{self.url}/runsync", json=payload, timeout=timeout).json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()

@@ -1,0 +1,163 @@
+"""Face-swap mode: the generated character wears the reference face.
+
+Stages, in order (constants in `pipeline.faces`, `pipeline.identity`, `pipeline.instantid`):
+1. reference: fetch/decode the image, detect faces (InsightFace), choose ONE face (index, picker
+   by description, or the largest) and use that same face for every identity stage;
+2. generate: the primary checkpoint with IP-Adapter FaceID Plus v2 + Plus Face;
+3. target: detect faces in the generated scene (YOLO), choose one, crop around it, SAM mask;
+4. refine: InstantID inpainting of the crop on the second checkpoint;
+5. paste back with a feathered, blurred mask, and score the identity (ArcFace cosine).
+No face in the scene: the generated image is returned with `applied: false` and the reason, or
+an error when the request sets `require_face_swap`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from pipeline import faces as face_ops
+from pipeline.errors import FaceSwapNotApplied, NoFaceFound
+from pipeline.generate import GenerationParams
+from pipeline.identity import IdentityModels, ReferenceIdentity
+from pipeline.image_input import load_reference_image
+from pipeline.schema import Request
+
+# Paste-back (seed recipe): the SAM mask is blurred by MASK_BLUR_PX, and the crop's own edge is
+# feathered over FEATHER_PX so no seam shows where the refined crop meets the scene.
+FEATHER_PX = 5
+MASK_BLUR_PX = 20
+
+
+def paste_mask(mask: np.ndarray, feather_px: int = FEATHER_PX,
+               blur_px: int = MASK_BLUR_PX) -> np.ndarray:
+    """Alpha (0..1, float32) for pasting a refined crop: the blurred mask, faded to 0 over the
+    last `feather_px` pixels of the crop's border."""
+    blurred = Image.fromarray(mask.astype(np.uint8) * 255).filter(
+        ImageFilter.GaussianBlur(blur_px / 2))
+    alpha = np.asarray(blurred, dtype=np.float32) / 255.0
+    height, width = alpha.shape
+    if feather_px > 0:
+        ys = np.minimum(np.arange(height), np.arange(height)[::-1])[:, None]
+        xs = np.minimum(np.arange(width), np.arange(width)[::-1])[None, :]
+        edge = np.minimum(ys, xs).astype(np.float32)
+        alpha *= np.clip(edge / feather_px, 0.0, 1.0)
+    return alpha
+
+
+def paste_back(scene: Image.Image, refined: Image.Image, alpha: np.ndarray,
+               box: tuple[int, int, int, int]) -> Image.Image:
+    """Blend `refined` into `scene` at `box` by `alpha`; pixels where alpha is 0 stay as they were."""
+    left, top, right, bottom = box
+    base = np.asarray(scene.convert("RGB"), dtype=np.float32)
+    region = base[top:bottom, left:right]
+    patch = np.asarray(refined.convert("RGB").resize((right - left, bottom - top)),
+                       dtype=np.float32)
+    weight = alpha[..., None]
+    blended = region * (1.0 - weight) + patch * weight
+    out = np.asarray(scene.convert("RGB")).copy()
+    changed = alpha > 0
+    out[top:bottom, left:right][changed] = np.clip(np.rint(blended[changed]), 0, 255
+                                                   ).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+def _faces_report(found: list, chosen: int | None, picked_by: str | None) -> dict[str, Any]:
+    return {"faces": [dict(index=i, **face.to_report()) for i, face in enumerate(found)],
+            "chosen": chosen, "picked_by": picked_by}
+
+
+@dataclass
+class FaceSwapStage:
+    """The face-swap models, injected, and the stage that runs them."""
+
+    faces: Any  # pipeline.faces.FaceModels
+    identity: IdentityModels
+    picker: Any | None = None  # pipeline.picker.FacePicker
+
+    def choose(self, image: Image.Image, found: list, index: int | None, description: str,
+               index_field: str, image_field: str) -> tuple[int, str]:
+        """Which face: an explicit index, else the picker by description, else the largest."""
+        if index is not None:
+            return face_ops.choose_face(found, index, index_field)
+        if description.strip() and self.picker is not None and len(found) > 1:
+            picked = self.picker.pick(image, [face.box for face in found], description,
+                                      field=image_field)
+            return picked.index, picked.picked_by
+        return face_ops.choose_face(found, None, index_field)
+
+    def run(self, request: Request, params: GenerationParams, timings: Any,
+            notify: Any) -> tuple[Image.Image, dict[str, Any]]:
+        """The whole mode: reference, identity generation, then the swap onto the scene."""
+        face, reference, report = self.reference(request, timings, notify)
+        notify("generating")
+        with timings.stage("generate"):
+            scene = self.identity.generate(params, reference)
+        final = self.swap_onto(scene, face, reference, request, params, timings, notify, report)
+        return final, report
+
+    def reference(self, request: Request, timings: Any,
+                  notify: Any) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
+        """Load the reference image and choose its face; every identity stage uses that face."""
+        image_field = "image_url" if request.image_url is not None else "image"
+        notify("loading reference")
+        with timings.stage("reference"):
+            reference_image = load_reference_image(url=request.image_url,
+                                                   path=request.image_path)
+            found = face_ops.detect_reference_faces(self.faces, reference_image)
+            if not found:
+                raise NoFaceFound(image_field)
+            ref_index, ref_reason = self.choose(reference_image, found, request.face_index,
+                                                request.face_description, "face_index",
+                                                image_field)
+            face = found[ref_index]
+            # FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's.
+            reference = ReferenceIdentity(
+                embedding=face.embedding,
+                face_crop=face_ops.aligned_face_crop(reference_image, face),
+                faceid_embedding=face.score_embedding)
+        report: dict[str, Any] = {"applied": False, "reason": None, "similarity": None,
+                                  "reference": _faces_report(found, ref_index, ref_reason)}
+        return face, reference, report
+
+    def swap_onto(self, scene: Image.Image, face: Any, reference: ReferenceIdentity,
+                  request: Request, params: GenerationParams, timings: Any, notify: Any,
+                  report: dict[str, Any]) -> Image.Image:
+        """Find the target face in `scene`, refine it under InstantID, paste it back and score
+        the identity; `report` records every outcome (never a silent no-op)."""
+        notify("finding the face in the scene")
+        with timings.stage("detect_target"):
+            targets = face_ops.detect_target_faces(self.faces, scene)
+        if not targets:
+            report["target"] = _faces_report([], None, None)
+            report["reason"] = "no face found in the generated image"
+            if request.require_face_swap:
+                raise FaceSwapNotApplied(
+                    "face swap not applied: no face found in the generated image "
+                    "(`require_face_swap` is true)")
+            return scene
+        target_index, target_reason = self.choose(
+            scene, targets, request.target_index, request.target_description, "target_index",
+            "image_url" if request.image_url is not None else "image")
+        target = targets[target_index]
+        report["target"] = _faces_report(targets, target_index, target_reason)
+        notify("refining the face")
+        with timings.stage("mask"):
+            box = face_ops.crop_box(target.box, scene.size)
+            mask = face_ops.face_mask(self.faces, scene, target.box)
+            crop_mask = mask[box[1]:box[3], box[0]:box[2]]
+        with timings.stage("refine"):
+            keypoints = face_ops.target_keypoints(target) - np.array(box[:2], dtype=np.float32)
+            refined = self.identity.refine(scene.crop(box),
+                                           Image.fromarray(crop_mask.astype(np.uint8) * 255),
+                                           keypoints, reference, params)
+        with timings.stage("paste"):
+            final = paste_back(scene, refined, paste_mask(crop_mask), box)
+        with timings.stage("similarity"):
+            report["similarity"] = round(float(face_ops.identity_similarity(
+                self.faces, face, final, target.box)), 4)
+        report["applied"] = True
+        return final

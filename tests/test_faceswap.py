@@ -1,0 +1,172 @@
+"""Face-swap mode on the tiny twins: face choice, reports, errors, the swap onto a scene, and
+no state leaking between requests. Detector twins fire on red markers (tests/face_images.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import FaceSwapNotApplied, InvalidInput, NoFaceFound
+from pipeline.faceswap import paste_back, paste_mask
+from pipeline.generate import GenerationParams
+from pipeline.schema import validate_request
+from pipeline.service import Timings
+from tests.face_images import marker_scene, noise_image
+
+FAST = {"width": 512, "height": 512, "steps": 2, "seed": 11}
+# Three faces: the middle one is the largest by area (w*h), the left one is the tallest.
+GROUP = [(20, 40, 60, 200), (100, 60, 220, 180), (260, 90, 300, 130)]
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def service(predictor):
+    return predictor.service
+
+
+def _run(service, **fields):
+    return service.run(validate_request({"prompt": "a knight", **FAST, **fields}))
+
+
+def test_largest_reference_face_by_area_is_the_default(service):
+    result = _run(service, image_url=data_uri(marker_scene((320, 240), GROUP)))
+    reference = result.face_swap["reference"]
+    assert result.mode == "face_swap" and len(reference["faces"]) == 3
+    assert (reference["chosen"], reference["picked_by"]) == (1, "largest")
+    boxes = [face["box"] for face in reference["faces"]]
+    assert [round(b[0]) for b in boxes] == [20, 100, 260]  # reported left to right
+
+
+def test_face_index_picks_another_face(service):
+    result = _run(service, image_url=data_uri(marker_scene((320, 240), GROUP)), face_index=2)
+    assert (result.face_swap["reference"]["chosen"],
+            result.face_swap["reference"]["picked_by"]) == (2, "index")
+
+
+def test_face_index_out_of_range_names_the_field(service):
+    with pytest.raises(InvalidInput, match="`face_index`"):
+        _run(service, image_url=data_uri(marker_scene((320, 240), GROUP)), face_index=5)
+
+
+def test_no_face_in_the_reference_names_the_field(service):
+    with pytest.raises(NoFaceFound, match="no face found in image_url"):
+        _run(service, image_url=data_uri(noise_image((256, 256))))
+
+
+def test_no_face_in_the_scene_is_flagged_not_hidden(service):
+    result = _run(service, image_url=data_uri(marker_scene((256, 256), [(60, 60, 180, 200)])))
+    swap = result.face_swap
+    if not swap["applied"]:
+        assert swap["reason"] == "no face found in the generated image"
+        assert swap["target"]["faces"] == [] and swap["similarity"] is None
+    else:
+        assert isinstance(swap["similarity"], float)
+
+
+def test_require_face_swap_turns_a_missed_swap_into_an_error(service):
+    reference = data_uri(marker_scene((256, 256), [(60, 60, 180, 200)]))
+    outcome = _run(service, image_url=reference)
+    if outcome.face_swap["applied"]:
+        pytest.skip("this seed's scene has a face; the error path needs one without")
+    with pytest.raises(FaceSwapNotApplied, match="require_face_swap"):
+        _run(service, image_url=reference, require_face_swap=True)
+
+
+def test_every_identity_stage_gets_the_chosen_reference_face(service, monkeypatch):
+    seen = []
+    identity = service.face_swap.identity
+    real_generate, real_refine = identity.generate, identity.refine
+
+    def generate(params, reference, *args, **kwargs):
+        seen.append(("generate", reference))
+        return real_generate(params, reference, *args, **kwargs)
+
+    def refine(crop, mask, keypoints, reference, *args, **kwargs):
+        seen.append(("refine", reference))
+        return real_refine(crop, mask, keypoints, reference, *args, **kwargs)
+
+    monkeypatch.setattr(identity, "generate", generate)
+    monkeypatch.setattr(identity, "refine", refine)
+    stage = service.face_swap
+    request = validate_request({"prompt": "a knight", **FAST, "face_index": 2,
+                                "image_url": data_uri(marker_scene((320, 240), GROUP))})
+    face, reference, report = stage.reference(request, Timings(), lambda _s: None)
+    assert report["reference"]["chosen"] == 2
+    scene = marker_scene((512, 512), [(180, 150, 330, 340)], seed=3)
+    params = GenerationParams("a knight", "", 512, 512, 2, 2.0, 11)
+    stage.identity.generate(params, reference)
+    final = stage.swap_onto(scene, face, reference, request, params, Timings(), lambda _s: None,
+                            report)
+    assert [name for name, _ in seen] == ["generate", "refine"]
+    assert all(ref is reference for _, ref in seen)
+    assert report["applied"] is True and isinstance(report["similarity"], float)
+    assert report["target"]["chosen"] == 0 and len(report["target"]["faces"]) == 1
+    assert final.size == scene.size and final.tobytes() != scene.tobytes()
+
+
+def test_swap_onto_a_scene_leaves_pixels_outside_the_crop_unchanged(service):
+    stage = service.face_swap
+    request = validate_request({"prompt": "a knight", **FAST,
+                                "image_url": data_uri(marker_scene((256, 256),
+                                                                   [(60, 60, 180, 200)]))})
+    face, reference, report = stage.reference(request, Timings(), lambda _s: None)
+    scene = marker_scene((512, 512), [(200, 200, 280, 290)], seed=5)
+    params = GenerationParams("a knight", "", 512, 512, 2, 2.0, 11)
+    final = np.asarray(stage.swap_onto(scene, face, reference, request, params, Timings(),
+                                       lambda _s: None, report))
+    from pipeline.faces import crop_box
+
+    left, top, right, bottom = crop_box(tuple(report["target"]["faces"][0]["box"]), scene.size)
+    outside = np.ones(final.shape[:2], bool)
+    outside[top:bottom, left:right] = False
+    assert np.array_equal(final[outside], np.asarray(scene)[outside])
+    assert not np.array_equal(final[~outside], np.asarray(scene)[~outside])
+
+
+def test_paste_back_changes_nothing_outside_the_feathered_mask():
+    rng = np.random.default_rng(0)
+    scene = Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    refined = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    mask = np.zeros((60, 80), bool)
+    mask[5:55, 15:65] = True
+    alpha = paste_mask(mask)
+    box = (40, 30, 120, 90)
+    out = np.asarray(paste_back(scene, refined, alpha, box))
+    before = np.asarray(scene)
+    untouched = np.ones((120, 160), bool)
+    untouched[30:90, 40:120] = alpha <= 0
+    assert np.array_equal(out[untouched], before[untouched])
+    assert alpha[0].max() == 0 and alpha[:, 0].max() == 0  # the crop border is feathered to 0
+    assert alpha[30, 40] > 0.9  # the mask's centre is pasted fully
+    assert not np.array_equal(out[60, 80], before[60, 80])
+
+
+def test_face_request_does_not_change_the_next_text_request(service):
+    text = {"prompt": "a wizard", **FAST}
+    alone = service.run(validate_request(text)).image.tobytes()
+    _run(service, image_url=data_uri(marker_scene((256, 256), [(60, 60, 180, 200)])))
+    after = service.run(validate_request(text)).image.tobytes()
+    assert alone == after
+
+
+def test_face_swap_is_deterministic(service):
+    reference = data_uri(marker_scene((256, 256), [(60, 60, 180, 200)]))
+    first = _run(service, image_url=reference).image.tobytes()
+    assert first == _run(service, image_url=reference).image.tobytes()
+
+
+def test_changing_only_the_reference_face_changes_the_output(service):
+    one = _run(service, image_url=data_uri(marker_scene((256, 256), [(60, 60, 180, 200)],
+                                                        seed=1)))
+    two = _run(service, image_url=data_uri(marker_scene((256, 256), [(40, 30, 200, 230)],
+                                                        seed=2)))
+    assert one.image.tobytes() != two.image.tobytes()
