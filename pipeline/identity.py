@@ -1,0 +1,312 @@
+"""The identity stage of face swap: identity priors on the primary SDXL pipe, InstantID refinement.
+
+Generation with identity priors runs the primary (text-mode) pipeline with two IP-Adapters:
+
+- IP-Adapter FaceID Plus v2 SDXL: the reference's ArcFace embedding (L2-normed, as FaceID was
+  trained) through `IPAdapterFaceIDPlusImageProjection`, with the CLIP ViT-H penultimate hidden
+  states of the aligned face crop as its `clip_embeds` and the v2 "shortcut" on; plus its LoRA.
+- IP-Adapter Plus Face SDXL: the same CLIP ViT-H hidden states through a Resampler.
+
+Both are loaded once into the primary pipe (`install_identity_adapters`) and left *switched off*:
+`identity_priors(...)` switches them on for one call and restores the text-mode UNet exactly
+afterwards (attention processors, `encoder_hid_proj`, `encoder_hid_dim_type`, LoRA scaling and
+enabled state), so a text request after a face request renders as if no adapter was ever loaded.
+
+The LoRA: the FaceID `.bin` carries its LoRA (`to_{q,k,v,out}_lora` over every attention layer),
+which diffusers' `load_ip_adapter` loads as the peft adapter `faceid_0`; that copy is applied at
+`FACEID_LORA_SCALE`. `ip-adapter-faceid-plusv2_sdxl_lora.safetensors` is the same LoRA converted
+by the authors for UIs (A1111/ComfyUI; tencent-ailab/IP-Adapter issues #326 and #388) and is not
+loaded: loading both would apply the LoRA twice.
+
+Refinement (`IdentityModels.refine`) is `pipeline.instantid`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLPipeline
+from diffusers.utils import USE_PEFT_BACKEND
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+from pipeline.device import Runtime
+from pipeline.errors import InvalidInput, PipelineError, shorten
+from pipeline.generate import GenerationParams, text_to_image
+from pipeline.instantid import (
+    RECIPE,
+    RefineRecipe,
+    load_refine_pipeline,
+    refine_crop,
+    refine_seed,
+)
+from pipeline.layout import Layout
+
+log = logging.getLogger(__name__)
+
+# Seed recipe weights (facts reproduced from the deployed system).
+FACEID_SCALE = 0.3  # IP-Adapter FaceID Plus v2: attention weight of its identity tokens
+FACEID_STRUCTURE_SCALE = 0.3  # its v2 "shortcut" weight (`s_scale` / ComfyUI's `weight_faceidv2`)
+FACEID_LORA_SCALE = 0.4  # its LoRA
+PLUS_FACE_SCALE = 0.3  # IP-Adapter Plus Face SDXL
+INSTANTID_CONTROLNET_SCALE = 0.7  # InstantID ControlNet conditioning scale (keypoints)
+INSTANTID_ADAPTER_SCALE = 0.85  # InstantID identity adapter weight
+
+# The peft adapter name diffusers gives the LoRA of the first IP-Adapter in a load_ip_adapter call.
+FACEID_LORA_ADAPTER = "faceid_0"
+# Adapters are loaded FaceID first, Plus Face second: the order of `ip_adapter_image_embeds`,
+# of the scale list and of `encoder_hid_proj.image_projection_layers`.
+FACEID_INDEX = 0
+# CLIP image features of the IP-Adapter "plus" family: the penultimate hidden states.
+CLIP_HIDDEN_LAYER = -2
+EMBEDDING_SIZE = 512
+
+
+@dataclass(frozen=True)
+class IdentityScales:
+    """Adapter weights of the identity stage; every one at 0 leaves the model as in text mode."""
+
+    faceid: float = FACEID_SCALE
+    faceid_structure: float = FACEID_STRUCTURE_SCALE
+    faceid_lora: float = FACEID_LORA_SCALE
+    plus_face: float = PLUS_FACE_SCALE
+    instantid_controlnet: float = INSTANTID_CONTROLNET_SCALE
+    instantid_adapter: float = INSTANTID_ADAPTER_SCALE
+
+    @classmethod
+    def zero(cls) -> IdentityScales:
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class ReferenceIdentity:
+    """The reference face: its ArcFace embedding and aligned crop.
+
+    `embedding` is the raw (unnormalised) 512-d recognition embedding (antelopev2), which
+    InstantID takes as is; FaceID takes it L2-normed. `faceid_embedding`, when given, is the one
+    FaceID gets instead (IP-Adapter FaceID was trained on buffalo_l's embedding).
+    """
+
+    embedding: np.ndarray
+    face_crop: Image.Image
+    faceid_embedding: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("embedding", "faceid_embedding"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            array = np.asarray(value, dtype=np.float32)
+            if array.shape != (EMBEDDING_SIZE,) or not np.isfinite(array).all():
+                raise InvalidInput(
+                    name, f"must be {EMBEDDING_SIZE} finite numbers, got {shorten(value)}")
+
+
+@dataclass
+class _UnetMode:
+    """The parts of a UNet an IP-Adapter load changes (processor objects kept by identity)."""
+
+    processors: dict[str, Any]
+    encoder_hid_proj: torch.nn.Module | None
+    encoder_hid_dim_type: str | None
+
+    @classmethod
+    def capture(cls, unet: Any) -> _UnetMode:
+        return cls(dict(unet.attn_processors), unet.encoder_hid_proj,
+                   unet.config.encoder_hid_dim_type)
+
+    def apply(self, unet: Any) -> None:
+        # The projection first: its Resampler's attention layers count among the processors.
+        unet.encoder_hid_proj = self.encoder_hid_proj
+        unet.set_attn_processor(dict(self.processors))
+        # diffusers' own loader sets this attribute the same way.
+        unet.config.encoder_hid_dim_type = self.encoder_hid_dim_type
+
+
+@dataclass
+class _LoraState:
+    """peft LoRA layers' enabled flag, active adapters and per-layer scaling."""
+
+    enabled: bool
+    active: list[str]
+    scaling: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, unet: Any) -> _LoraState:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
+        enabled = any(not m.disable_adapters for m in layers.values())
+        return cls(enabled, list(unet.active_adapters()) if layers else [],
+                   {n: dict(m.scaling) for n, m in layers.items()})
+
+    def apply(self, unet: Any) -> None:
+        if not self.scaling:
+            return
+        unet.set_adapters(self.active)
+        for name, module in unet.named_modules():
+            if name in self.scaling:
+                module.scaling.update(self.scaling[name])
+        if self.enabled:
+            unet.enable_lora()
+        else:
+            unet.disable_lora()
+
+
+@dataclass
+class IdentityAdapters:
+    """What `install_identity_adapters` left on the primary pipe: its identity-mode UNet parts."""
+
+    mode: _UnetMode
+
+
+def install_identity_adapters(pipe: StableDiffusionXLPipeline, layout: Layout) -> IdentityAdapters:
+    """Load FaceID Plus v2 (+ its LoRA) and Plus Face into `pipe`, then switch the pipe back to
+    exactly its text-mode state; `identity_priors` switches them on per call."""
+    if not USE_PEFT_BACKEND:
+        raise PipelineError("the FaceID LoRA needs the peft package: install peft (see "
+                            "requirements.txt)")
+    unet = pipe.unet
+    text_mode = _UnetMode.capture(unet)
+    pipe.load_ip_adapter(
+        [str(layout.faceid_plusv2.parent), str(layout.ip_adapter_plus_face.parent)],
+        subfolder=["", ""],
+        weight_name=[layout.faceid_plusv2.name, layout.ip_adapter_plus_face.name],
+        image_encoder_folder=None, local_files_only=True)
+    if FACEID_LORA_ADAPTER not in getattr(unet, "peft_config", {}):
+        raise PipelineError(f"{layout.faceid_plusv2} holds no LoRA: expected the FaceID Plus v2 "
+                            "checkpoint with its `to_*_lora` weights")
+    adapters = IdentityAdapters(_UnetMode.capture(unet))
+    text_mode.apply(unet)
+    unet.disable_lora()
+    return adapters
+
+
+@contextmanager
+def identity_priors(pipe: StableDiffusionXLPipeline, adapters: IdentityAdapters,
+                    scales: IdentityScales, clip_embeds: torch.Tensor) -> Iterator[None]:
+    """Switch `pipe` into identity mode for the calls inside, then restore it exactly.
+
+    `clip_embeds` are FaceID Plus's CLIP hidden states, shaped (batch, 1, tokens, width), batch
+    laid out like `ip_adapter_image_embeds` (negative first under guidance)."""
+    unet = pipe.unet
+    saved_mode = _UnetMode.capture(unet)
+    saved_lora = _LoraState.capture(unet)
+    faceid = adapters.mode.encoder_hid_proj.image_projection_layers[FACEID_INDEX]
+    try:
+        adapters.mode.apply(unet)
+        pipe.set_ip_adapter_scale([scales.faceid, scales.plus_face])
+        faceid.clip_embeds = clip_embeds
+        faceid.shortcut = True  # Plus v2
+        faceid.shortcut_scale = scales.faceid_structure
+        if scales.faceid_lora != 0:
+            unet.set_adapters([FACEID_LORA_ADAPTER], weights=[scales.faceid_lora])
+            unet.enable_lora()
+        else:
+            unet.disable_lora()
+        yield
+    finally:
+        faceid.clip_embeds = None
+        saved_mode.apply(unet)
+        saved_lora.apply(unet)
+
+
+class FaceEncoder:
+    """CLIP ViT-H image encoder of the face crop, as the IP-Adapter "plus" models read it."""
+
+    def __init__(self, model: CLIPVisionModelWithProjection):
+        self.model = model
+        size = model.config.image_size
+        # OpenAI CLIP preprocessing (resize, centre crop, mean/std) at the encoder's input size.
+        self.processor = CLIPImageProcessor(size={"shortest_edge": size},
+                                            crop_size={"height": size, "width": size})
+
+    @classmethod
+    def load(cls, layout: Layout, runtime: Runtime) -> FaceEncoder:
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            str(layout.image_encoder), dtype=runtime.dtype, local_files_only=True)
+        return cls(model.to(runtime.device).eval())
+
+    def hidden_states(self, crop: Image.Image, with_negative: bool) -> torch.Tensor:
+        """Penultimate hidden states (batch, 1, tokens, width); the negative is the encoding of
+        an all-zero (normalised) image, as IP-Adapter does."""
+        pixels = self.processor(images=crop.convert("RGB"), return_tensors="pt").pixel_values
+        pixels = pixels.to(device=self.model.device, dtype=self.model.dtype)
+        if with_negative:
+            pixels = torch.cat([torch.zeros_like(pixels), pixels])
+        with torch.inference_mode():
+            states = self.model(pixels, output_hidden_states=True).hidden_states[CLIP_HIDDEN_LAYER]
+        return states.unsqueeze(1)
+
+
+def faceid_embeds(reference: ReferenceIdentity, with_negative: bool, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """FaceID's input: the L2-normed embedding (batch, 1, 512), zeros as the negative."""
+    source = reference.faceid_embedding
+    vector = np.asarray(reference.embedding if source is None else source, dtype=np.float32)
+    vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+    positive = torch.from_numpy(vector).reshape(1, 1, -1)
+    batch = torch.cat([torch.zeros_like(positive), positive]) if with_negative else positive
+    return batch.to(device=device, dtype=dtype)
+
+
+@dataclass
+class IdentityModels:
+    """Every model of the identity stage, injected: the primary pipe with its adapters installed,
+    the face encoder, and the InstantID refinement pipe."""
+
+    text_pipe: StableDiffusionXLPipeline
+    adapters: IdentityAdapters
+    encoder: FaceEncoder
+    refine_pipe: StableDiffusionXLControlNetInpaintPipeline
+
+    @classmethod
+    def load(cls, layout: Layout, runtime: Runtime,
+             text_pipe: StableDiffusionXLPipeline) -> IdentityModels:
+        layout.check_present(identity_files(layout))
+        adapters = install_identity_adapters(text_pipe, layout)
+        return cls(text_pipe, adapters, FaceEncoder.load(layout, runtime),
+                   load_refine_pipeline(layout, runtime))
+
+    def generate(self, params: GenerationParams, reference: ReferenceIdentity,
+                 scales: IdentityScales = IdentityScales()) -> Image.Image:
+        """Text-to-image on the primary pipe with both IP-Adapters; the pipe is restored after."""
+        with_negative = params.cfg > 1.0
+        unet = self.text_pipe.unet
+        clip = self.encoder.hidden_states(reference.face_crop, with_negative)
+        clip = clip.to(device=unet.device, dtype=unet.dtype)
+        faceid = faceid_embeds(reference, with_negative, unet.device, unet.dtype)
+        embeds = [faceid, clip]  # load order: FaceID Plus v2, Plus Face
+        with identity_priors(self.text_pipe, self.adapters, scales, clip):
+            return text_to_image(self.text_pipe, params, ip_adapter_image_embeds=embeds)
+
+    def refine(self, crop: Image.Image, mask: Image.Image, target_keypoints: np.ndarray,
+               reference: ReferenceIdentity, params: GenerationParams, seed: int | None = None,
+               scales: IdentityScales = IdentityScales(),
+               recipe: RefineRecipe = RECIPE) -> Image.Image:
+        """InstantID inpainting of the masked face in `crop` (same size out); `seed` defaults to
+        `refine_seed(params.seed)`."""
+        return refine_crop(
+            self.refine_pipe, crop, mask, target_keypoints, reference.embedding, params,
+            refine_seed(params.seed) if seed is None else seed,
+            controlnet_scale=scales.instantid_controlnet,
+            adapter_scale=scales.instantid_adapter, recipe=recipe)
+
+
+def identity_files(layout: Layout) -> list[Path]:
+    """What the identity stage loads (on top of the text pipe's files)."""
+    return [
+        layout.image_encoder / "config.json",
+        layout.faceid_plusv2,
+        layout.ip_adapter_plus_face,
+        layout.juggernaut,
+        layout.instantid_controlnet / "config.json",
+        layout.instantid_adapter,
+    ]
