@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 
 STARTUP_TIMEOUT_S = 240
+BUSY_RETRIES = 50
 
 
 def free_port() -> int:
@@ -66,7 +67,15 @@ class CogServer:
         raise RuntimeError(f"Cog server not ready after {STARTUP_TIMEOUT_S} s: {self.log()}")
 
     def predict(self, inputs: dict, timeout: float = 300) -> requests.Response:
-        return requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+        """POST /predictions; retried while coglet still reports its one slot busy, which it
+        does for a moment after answering the previous synchronous prediction."""
+        for _ in range(BUSY_RETRIES):
+            response = requests.post(f"{self.url}/predictions", json={"input": inputs},
+                                     timeout=timeout)
+            if "all prediction slots busy" not in response.text:
+                return response
+            time.sleep(0.2)
+        return response
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

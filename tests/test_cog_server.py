@@ -72,3 +72,53 @@ def test_jpeg_output_format(cog_server):
                                "output_format": "jpeg", **FAST}).json()
     assert body["status"] == "succeeded", body.get("error")
     assert Image.open(io.BytesIO(_image_bytes(body))).format == "JPEG"
+
+
+def _reference_uri(boxes, size=(320, 240)) -> str:
+    from tests.face_images import marker_scene
+
+    buffer = io.BytesIO()
+    marker_scene(size, boxes).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_face_swap_prediction_reports_faces_and_is_deterministic(cog_server):
+    request = {"prompt": "a knight", "width": 512, "height": 576, "seed": 3,
+               "image_url": _reference_uri([(60, 50, 180, 200)]), **FAST}
+    first = cog_server.predict(request).json()
+    assert first["status"] == "succeeded", first.get("error")
+    output = first["output"]
+    assert output["mode"] == "face_swap" and (output["width"], output["height"]) == (512, 576)
+    swap = output["face_swap"]
+    assert swap["reference"]["chosen"] == 0 and swap["reference"]["picked_by"] == "largest"
+    assert len(swap["reference"]["faces"]) == 1
+    if swap["applied"]:
+        assert isinstance(swap["similarity"], float)
+    else:
+        assert swap["reason"] == "no face found in the generated image"
+    second = cog_server.predict(request).json()
+    assert _image_bytes(first) == _image_bytes(second)
+
+
+def test_no_face_in_the_reference_fails_naming_the_field(cog_server):
+    from tests.face_images import noise_image
+
+    buffer = io.BytesIO()
+    noise_image((200, 200)).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = cog_server.predict({"prompt": "x", "image_url": uri, "width": 512, "height": 512,
+                               **FAST}).json()
+    assert body["status"] == "failed" and "no face found in image_url" in body["error"]
+
+
+def test_face_description_never_crashes_across_seeds(cog_server):
+    uri = _reference_uri([(20, 40, 60, 200), (100, 60, 220, 180), (260, 90, 300, 130)])
+    for seed in range(20):
+        body = cog_server.predict({"prompt": "a knight", "width": 512, "height": 512,
+                                   "steps": 1, "seed": seed, "image_url": uri,
+                                   "face_description": "the person on the left"}).json()
+        assert body["status"] == "succeeded", body.get("error")
+        reference = body["output"]["face_swap"]["reference"]
+        assert len(reference["faces"]) == 3 and 0 <= reference["chosen"] < 3
+        assert reference["picked_by"] == "description" or \
+            reference["picked_by"].startswith("largest (picker failed")
