@@ -44,6 +44,7 @@ from pipeline.instantid import (
     RECIPE,
     RefineRecipe,
     load_refine_pipeline,
+    recipe_from_env,
     refine_crop,
     refine_seed,
 )
@@ -266,6 +267,7 @@ class IdentityModels:
     adapters: IdentityAdapters
     encoder: FaceEncoder
     refine_pipe: StableDiffusionXLControlNetInpaintPipeline
+    recipe: RefineRecipe = RECIPE
 
     @classmethod
     def load(cls, layout: Layout, runtime: Runtime,
@@ -273,7 +275,7 @@ class IdentityModels:
         layout.check_present(identity_files(layout))
         adapters = install_identity_adapters(text_pipe, layout)
         return cls(text_pipe, adapters, FaceEncoder.load(layout, runtime),
-                   load_refine_pipeline(layout, runtime))
+                   load_refine_pipeline(layout, runtime), recipe_from_env())
 
     def generate(self, params: GenerationParams, reference: ReferenceIdentity,
                  scales: IdentityScales = IdentityScales()) -> Image.Image:
@@ -290,14 +292,14 @@ class IdentityModels:
     def refine(self, crop: Image.Image, mask: Image.Image, target_keypoints: np.ndarray,
                reference: ReferenceIdentity, params: GenerationParams, seed: int | None = None,
                scales: IdentityScales = IdentityScales(),
-               recipe: RefineRecipe = RECIPE) -> Image.Image:
+               recipe: RefineRecipe | None = None) -> Image.Image:
         """InstantID inpainting of the masked face in `crop` (same size out); `seed` defaults to
         `refine_seed(params.seed)`."""
         return refine_crop(
             self.refine_pipe, crop, mask, target_keypoints, reference.embedding, params,
             refine_seed(params.seed) if seed is None else seed,
             controlnet_scale=scales.instantid_controlnet,
-            adapter_scale=scales.instantid_adapter, recipe=recipe)
+            adapter_scale=scales.instantid_adapter, recipe=recipe or self.recipe)
 
 
 def identity_files(layout: Layout) -> list[Path]:

@@ -208,7 +208,7 @@ def _reject_unknown(payload: dict, specs: tuple[FieldSpec, ...], prefix: str) ->
     known = {spec.name for spec in specs} | ({"output"} if not prefix else set())
     unknown = [key for key in payload if key not in known]
     if unknown:
-        name = prefix + str(unknown[0])
+        name = prefix + (str(unknown[0]) or repr(unknown[0]))
         raise InvalidInput(name, f"is not a known field (known: {', '.join(sorted(known))})")
 
 

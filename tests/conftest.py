@@ -21,6 +21,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(_SANDBOX / "ultralytics"))
 os.environ.setdefault("PIPELINE_DEVICE", "cpu")
+# InstantID refines at the recipe's 1024 px in production; 256 keeps CPU face swaps to seconds.
+os.environ.setdefault("PIPELINE_REFINE_GUIDE_SIZE", "256")
 
 from scripts.local_servers import CogServer
 

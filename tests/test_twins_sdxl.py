@@ -23,12 +23,20 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from pipeline.device import Runtime
+from pipeline.faces import detect_target_faces, load_face_models
+from pipeline.generate import GenerationParams, text_to_image
+from pipeline.generate import load_text_pipeline as production_text_pipeline
 from pipeline.layout import Layout
+from pipeline.twins.faces import write_face_twins
 from pipeline.twins.sdxl import (
     BOS,
     EOS,
+    MARKER_CHECKPOINT,
+    MARKER_THRESHOLD,
     MERGES,
     checkpoint_seeds,
+    decoder_paints_marker,
     tiny_components,
     tokenizer_vocab,
     write_sdxl_twins,
@@ -97,7 +105,8 @@ def test_round_trip_is_exact(layout, name):
     start = time.perf_counter()
     pipe = load_text_pipeline(getattr(layout, name), layout)
     assert time.perf_counter() - start < 30
-    expected = tiny_components(layout.sdxl_config, checkpoint_seeds(0)[name])
+    expected = tiny_components(layout.sdxl_config, checkpoint_seeds(0)[name],
+                               marker_decoder=name == MARKER_CHECKPOINT)
     for component in COMPONENTS:
         loaded = dict(getattr(pipe, component).named_parameters())
         reference = dict(expected[component].named_parameters())
@@ -167,3 +176,58 @@ def test_controlnet_inpaint_pipeline_loads_juggernaut(layout):
                num_inference_steps=2, strength=1.0, height=64, width=64,
                generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def _redness(image: np.ndarray) -> np.ndarray:
+    """R - G - B on 0..1, the face twins' marker test."""
+    rgb = image.astype(np.float64) / (255 if image.dtype == np.uint8 else 1)
+    return rgb[..., 0] - rgb[..., 1] - rgb[..., 2]
+
+
+def test_decoder_paints_the_marker_above_the_threshold_only(layout):
+    vae = load_text_pipeline(layout.cyberrealistic, layout).vae
+
+    def decode(seed: int, offset: float) -> np.ndarray:
+        latent = torch.randn(1, 4, 16, 12, generator=torch.Generator().manual_seed(seed)) * 120
+        latent[:, 0] += MARKER_THRESHOLD + offset - latent[:, 0].mean()
+        assert decoder_paints_marker(latent[0]) is (offset > 0)
+        with torch.inference_mode():
+            decoded = vae.decode(latent).sample
+        return (decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+
+    for offset in (0.05, 8.0):
+        image = decode(0, offset)
+        np.testing.assert_array_equal(image, np.broadcast_to([1.0, 0.0, 0.0], image.shape))
+    for offset in (-0.05, -8.0):
+        image = decode(0, offset)
+        assert image.std() > 0.05 and (_redness(image) >= 0.7).mean() < 0.05
+    # Below the threshold the image is noise that follows the latent.
+    assert np.abs(decode(0, -1.0) - decode(1, -1.0)).mean() > 0.05
+
+
+# insightface's alignment calls a scikit-image method deprecated in 0.26: not ours to fix
+@pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
+def test_generated_scenes_hold_a_face_marker_for_some_seeds(tmp_path):
+    layout = Layout(tmp_path)
+    write_sdxl_twins(layout)
+    write_face_twins(layout)
+    pipe = production_text_pipeline(layout.cyberrealistic, layout.sdxl_config,
+                                     Runtime(torch.device("cpu"), torch.float32))
+    models = load_face_models(layout)
+    decoder_inputs: list[torch.Tensor] = []
+    hook = pipe.vae.post_quant_conv.register_forward_pre_hook(
+        lambda _module, args: decoder_inputs.append(args[0][0].detach().clone()))
+    fired = {}
+    try:
+        for seed in range(10):
+            params = GenerationParams("a knight", "", 512, 512, 3, 2.0, seed)
+            faces = detect_target_faces(models, text_to_image(pipe, params))
+            fired[seed] = bool(faces)
+            # the detectors agree with the rule, and a marker is the whole frame
+            assert fired[seed] is decoder_paints_marker(decoder_inputs[-1]), seed
+            if faces:
+                assert len(faces) == 1 and faces[0].keypoints is not None
+                np.testing.assert_allclose(faces[0].box, (0, 0, 511, 511), atol=2)
+    finally:
+        hook.remove()
+    assert 0 < sum(fired.values()) < len(fired), fired
