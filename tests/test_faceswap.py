@@ -170,3 +170,27 @@ def test_changing_only_the_reference_face_changes_the_output(service):
     two = _run(service, image_url=data_uri(marker_scene((256, 256), [(40, 30, 200, 230)],
                                                         seed=2)))
     assert one.image.tobytes() != two.image.tobytes()
+
+
+def test_target_index_picks_another_face_in_the_scene(service):
+    stage = service.face_swap
+    reference_uri = data_uri(marker_scene((256, 256), [(60, 60, 180, 200)]))
+    scene = marker_scene((512, 512), [(40, 150, 160, 300), (300, 120, 470, 330)], seed=4)
+    params = GenerationParams("a knight", "", 512, 512, 2, 2.0, 11)
+    outcomes = {}
+    for target_index in (None, 0):
+        request = validate_request({"prompt": "a knight", **FAST, "image_url": reference_uri,
+                                    "target_index": target_index})
+        face, reference, report = stage.reference(request, Timings(), lambda _s: None)
+        stage.swap_onto(scene, face, reference, request, params, Timings(), lambda _s: None,
+                        report)
+        outcomes[target_index] = report["target"]
+    assert len(outcomes[None]["faces"]) == 2
+    assert (outcomes[None]["chosen"], outcomes[None]["picked_by"]) == (1, "largest")
+    assert (outcomes[0]["chosen"], outcomes[0]["picked_by"]) == (0, "index")
+    request = validate_request({"prompt": "a knight", **FAST, "image_url": reference_uri,
+                                "target_index": 2})
+    face, reference, report = stage.reference(request, Timings(), lambda _s: None)
+    with pytest.raises(InvalidInput, match="`target_index`"):
+        stage.swap_onto(scene, face, reference, request, params, Timings(), lambda _s: None,
+                        report)
