@@ -32,25 +32,47 @@ def server_env(weights: Path, home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-class CogServer:
-    """`python -m cog.server.http` serving predict.py:Predictor from the project root."""
+class _ServerProcess:
+    """A server subprocess run from the project root on a free loopback port, logging to a file."""
+
+    log_name = "server.log"
 
     def __init__(self, root: Path, weights: Path, workdir: Path, **env: str):
         self.root, self.weights, self.workdir, self.extra_env = root, weights, workdir, env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "cog-server.log"
+        self.log_path = workdir / self.log_name
         self.process: subprocess.Popen | None = None
+
+    def _spawn(self, command: list[str], **env: str) -> None:
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            command, cwd=self.root, env=server_env(self.weights, self.workdir, **env,
+                                                   **self.extra_env),
+            stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class CogServer(_ServerProcess):
+    """`python -m cog.server.http` serving predict.py:Predictor from the project root."""
+
+    log_name = "cog-server.log"
 
     def start(self) -> None:
         subprocess.run([sys.executable, "scripts/write_cog_schema.py"], cwd=self.root,
                        check=True, capture_output=True)
-        env = server_env(self.weights, self.workdir, COG_PREDICT_TYPE_STUB="predict.py:Predictor",
-                         PORT=str(self.port), **self.extra_env)
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._spawn([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                    COG_PREDICT_TYPE_STUB="predict.py:Predictor", PORT=str(self.port))
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -77,35 +99,15 @@ class CogServer:
             time.sleep(0.2)
         return response
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-class RunPodServer:
+class RunPodServer(_ServerProcess):
     """`python runpod_adapter.py --rp_serve_api`: the RunPod SDK's local API on loopback."""
 
-    def __init__(self, root: Path, weights: Path, workdir: Path, **env: str):
-        self.root, self.weights, self.workdir, self.extra_env = root, weights, workdir, env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "runpod-server.log"
-        self.process: subprocess.Popen | None = None
+    log_name = "runpod-server.log"
 
     def start(self) -> None:
-        env = server_env(self.weights, self.workdir, **self.extra_env)
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "runpod_adapter.py", "--rp_serve_api", "--rp_api_host",
-             "127.0.0.1", "--rp_api_port", str(self.port)],
-            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self._spawn([sys.executable, "runpod_adapter.py", "--rp_serve_api", "--rp_api_host",
+                     "127.0.0.1", "--rp_api_port", str(self.port)])
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -120,14 +122,3 @@ class RunPodServer:
 
     def runsync(self, payload: dict, timeout: float = 300) -> dict:
         return requests.post(f"{self.url}/runsync", json=payload, timeout=timeout).json()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
