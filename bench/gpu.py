@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -62,11 +63,9 @@ def prepare_weights(root: Path | None, smoke: bool) -> Path:
     root = root or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     started = time.perf_counter()
     if smoke:
-        from pipeline.convert import convert_weights
         from pipeline.twins import write_tiny_weights
 
-        write_tiny_weights(root)
-        convert_weights(root)
+        write_tiny_weights(root)  # converted too, as an image build does
     else:
         from bench.fullsize import write_fullsize_weights
 
@@ -88,7 +87,8 @@ def load_models(root: Path, runtime: Any) -> Models:
         text_pipe = load_converted_text_pipeline(layout, runtime, cache={})
     seconds["text_pipe"] = t["seconds"]
     with timed() as t:
-        identity = IdentityModels.load(layout, runtime, text_pipe)
+        # baseline first: the variants apply the switches themselves
+        identity = IdentityModels.load(layout, runtime, text_pipe, speed_switches=False)
     seconds["identity"] = t["seconds"]
     with timed() as t:
         sam = load_sam(layout.sam_vit_b, runtime.device)
@@ -223,7 +223,30 @@ def run_all(root: Path, runtime: Any, args: argparse.Namespace, sizes: list[tupl
                 rows.append(measure(models, mode, params, recipe, variant, flops[key], peak))
                 print(render(rows[-1:]).splitlines()[2], file=sys.stderr)
     return rows, reports, {"seconds": models.load_seconds,
-                           "memory_after_load": models.memory_after_load}
+                           "memory_after_load": models.memory_after_load,
+                           "unet_swap": measure_unet_swap(models, runtime)}
+
+
+def measure_unet_swap(models: Models, runtime: Any, rounds: int = 3) -> dict[str, Any]:
+    """The 24 GB plan's cost: one UNet's weights from pinned host memory to the device (the
+    outgoing one is dropped, not copied back), median of `rounds` swaps each way. Runs last:
+    it leaves the text UNet on the host."""
+    from pipeline.residency import REFINE_UNET, TEXT_UNET, UnetSwap
+
+    swap = UnetSwap(runtime, enabled=True)
+    swap.add(TEXT_UNET, models.text_pipe.unet)
+    swap.release()
+    swap.add(REFINE_UNET, models.identity.refine_pipe.unet)
+    samples = {TEXT_UNET: [], REFINE_UNET: []}
+    for name in (TEXT_UNET, REFINE_UNET) * rounds:
+        before = swap.seconds
+        swap.use(name)
+        samples[name].append(swap.seconds - before)
+    sizes = swap.report()["host_bytes"]
+    return {name: {"gib": round(sizes[name] / GIB, 2),
+                   "median_seconds": round(statistics.median(values), 4),
+                   "gb_per_s": round(sizes[name] / statistics.median(values) / 1e9, 1)}
+            for name, values in samples.items()}
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -280,14 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.weights is None and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print(f"device: {device_name}; dense fp16 peak {peak} TFLOP/s; load {load['seconds']} s;"
-          f" after load {load['memory_after_load']}")
+          f" after load {load['memory_after_load']}; UNet swap {load['unet_swap']}")
     print(render(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(
             {"date": time.strftime("%Y-%m-%d"), "device": device_name, "peak_tflops": peak,
              "torch": torch.__version__, "load_seconds": load["seconds"],
-             "memory_after_load": load["memory_after_load"], "switches": reports,
+             "memory_after_load": load["memory_after_load"], "unet_swap": load["unet_swap"],
+             "switches": reports,
              "rows": rows}, indent=2, default=str) + "\n")
     return 0
 

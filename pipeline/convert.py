@@ -49,6 +49,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 CONFIG_COMPONENTS = ("tokenizer", "tokenizer_2", "scheduler")
+PRIVATE_COMPONENTS = ("unet",)  # loaded once per pipeline, see load_converted_components
 DEFAULT_DTYPE = torch.float16
 SAMPLES, SAMPLE_BYTES = 16, 1 << 20  # the source fingerprint reads 16 MB, not the whole file
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
@@ -65,6 +66,14 @@ def checkpoints(layout: Layout) -> dict[str, Path]:
 
 def converted_root(layout: Layout) -> Path:
     return layout.root / CONVERTED_DIR
+
+
+def sdxl_files(layout: Layout, name: str) -> list[Path]:
+    """What loading checkpoint `name` needs: the SDXL config and either a current conversion
+    (its manifest) or the single file; for `Layout.check_present` at start-up."""
+    converted = read_manifest(layout, name) is not None
+    return [layout.sdxl_config / "model_index.json",
+            converted_root(layout) / name / MANIFEST if converted else checkpoints(layout)[name]]
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -199,6 +208,7 @@ def _convert_one(layout: Layout, name: str, source: Path, out: Path,
     manifest = Manifest(name, str(source.relative_to(layout.root)), fingerprint(source),
                         str(load_dtype).removeprefix("torch."), components,
                         time.perf_counter() - started)
+    (out / name).mkdir(parents=True, exist_ok=True)  # empty when every part is shared
     (out / name / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     log.info("converted %s in %.1f s", name, manifest.seconds)
     return manifest
@@ -213,13 +223,13 @@ def convert_weights(root: Path, dtype: torch.dtype | None = DEFAULT_DTYPE,
     and swapped in at the end, so an interrupted build never leaves a half conversion."""
     layout = Layout(Path(root))
     sources = checkpoints(layout)
-    layout.check_present([layout.sdxl_config / "model_index.json", *sources.values()])
     if not force:
         current = {name: read_manifest(layout, name) for name in sources}
         if all(m is not None and (dtype is None or m.dtype == str(dtype).removeprefix("torch."))
                for m in current.values()):
             log.info("converted weights under %s are current", converted_root(layout))
             return {name: m for name, m in current.items() if m is not None}
+    layout.check_present([layout.sdxl_config / "model_index.json", *sources.values()])
     final = converted_root(layout)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -291,7 +301,10 @@ def load_converted_components(layout: Layout, name: str, runtime: Runtime, *,
     cache = {} if cache is None else cache
     folders = {c: converted_root(layout) / manifest.components[c]["path"]
                for c in MODEL_COMPONENTS}
-    keys = {c: (str(f.resolve()), str(runtime.dtype), str(runtime.device))
+    # The UNet is never shared, even when stored once: each pipeline installs its own adapters
+    # into it (the text pipe's FaceID LoRA and IP-Adapters, the refine pipe's InstantID).
+    keys = {c: (str(f.resolve()), str(runtime.dtype), str(runtime.device),
+                name if c in PRIVATE_COMPONENTS else "")
             for c, f in folders.items()}
     components = _config_components(layout)
     for component in MODEL_COMPONENTS:
@@ -336,11 +349,20 @@ def main(argv: list[str] | None = None) -> int:
                         default="float16", help="dtype of the converted files "
                         "(source: as each checkpoint stores it)")
     parser.add_argument("--force", action="store_true", help="convert even when current")
+    parser.add_argument("--remove-sources", action="store_true",
+                        help="delete the single-file checkpoints once converted (an image then "
+                        "ships each checkpoint once, as the converted folders)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = None if args.dtype == "source" else getattr(torch, args.dtype)
     started = time.perf_counter()
     manifests = convert_weights(args.weights_dir, dtype=dtype, force=args.force)
+    if args.remove_sources:
+        layout = Layout(args.weights_dir)
+        for name, source in checkpoints(layout).items():
+            if source.exists() and read_manifest(layout, name) is not None:
+                source.unlink()
+                log.info("removed %s (converted under %s)", source, converted_root(layout))
     summary = {name: {"dtype": m.dtype, "seconds": m.seconds,
                       "components": {c: v["path"] for c, v in m.components.items()}}
                for name, m in manifests.items()}

@@ -304,8 +304,15 @@ def _face_in_box(models: FaceModels, bgr: np.ndarray, box: Box) -> Face | None:
 def detect_target_faces(models: FaceModels, image: Image.Image) -> list[Face]:
     """YOLOv8m-face boxes (score >= YOLO_CONFIDENCE) in the scene, in face order, each with the
     keypoints and antelopev2 embedding of the InsightFace face found on its crop, if any."""
-    result = models.yolo.predict(image.convert("RGB"), conf=YOLO_CONFIDENCE,
-                                 imgsz=YOLO_IMAGE_SIZE, device=models.device, verbose=False)[0]
+    threads = torch.get_num_threads()
+    try:
+        result = models.yolo.predict(image.convert("RGB"), conf=YOLO_CONFIDENCE,
+                                     imgsz=YOLO_IMAGE_SIZE, device=models.device,
+                                     verbose=False)[0]
+    finally:
+        # ultralytics' select_device sets torch's CPU threads to cpu_count - 1 (at most 8) for
+        # the whole process: on the CPU that slowed every later request and changed its numerics.
+        torch.set_num_threads(threads)
     boxes = result.boxes.xyxy.cpu().numpy().tolist()
     scores = result.boxes.conf.cpu().numpy().tolist()
     bgr = _bgr(image)
@@ -357,6 +364,19 @@ def _ellipse(size: tuple[int, int], box: Box) -> np.ndarray:
     return np.asarray(canvas) > 0
 
 
+def _sam_embed(sam: Any, rgb: np.ndarray) -> None:
+    """SAM's image encoder; on a bf16-capable GPU under bf16 autocast (its hand-written attention
+    keeps full score matrices: 2.45 GiB in fp32, 1.23 in bf16), then the embedding back in fp32
+    for the mask decoder, which hands numpy arrays back (numpy has no bf16)."""
+    device = sam.model.device
+    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+        sam.set_image(rgb)
+        return
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sam.set_image(rgb)
+    sam.features = sam.features.float()
+
+
 def face_mask(models: FaceModels, image: Image.Image, box: Box,
               threshold: float = SAM_MASK_THRESHOLD) -> np.ndarray:
     """Boolean HxW mask of the face in `box`: SAM ViT-B prompted with the box, pixels with
@@ -364,7 +384,7 @@ def face_mask(models: FaceModels, image: Image.Image, box: Box,
     Falls back to the ellipse inscribed in the box when SAM covers < MIN_MASK_FRACTION of it."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"`threshold` must be strictly between 0 and 1, got {threshold}")
-    models.sam.set_image(np.asarray(image.convert("RGB")))
+    _sam_embed(models.sam, np.asarray(image.convert("RGB")))
     logits, _, _ = models.sam.predict(box=np.asarray(box, dtype=np.float32),
                                       multimask_output=False, return_logits=True)
     logit_cut = float(np.log(threshold / (1.0 - threshold)))

@@ -37,6 +37,7 @@ from diffusers.utils import USE_PEFT_BACKEND
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from pipeline.convert import ComponentCache, sdxl_files
 from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError, shorten
 from pipeline.generate import GenerationParams, text_to_image
@@ -49,6 +50,8 @@ from pipeline.instantid import (
     refine_seed,
 )
 from pipeline.layout import Layout
+from pipeline.residency import REFINE_UNET, TEXT_UNET, UnetSwap
+from pipeline.speed import apply_speed_switches
 
 log = logging.getLogger(__name__)
 
@@ -268,19 +271,44 @@ class IdentityModels:
     encoder: FaceEncoder
     refine_pipe: StableDiffusionXLControlNetInpaintPipeline
     recipe: RefineRecipe = RECIPE
+    residency: UnetSwap | None = None  # which UNet is on the device (24 GB plan)
+    speed: dict[str, Any] = field(default_factory=dict)  # apply_speed_switches' reports
 
     @classmethod
-    def load(cls, layout: Layout, runtime: Runtime,
-             text_pipe: StableDiffusionXLPipeline) -> IdentityModels:
+    def load(cls, layout: Layout, runtime: Runtime, text_pipe: StableDiffusionXLPipeline, *,
+             cache: ComponentCache | None = None, residency: UnetSwap | None = None,
+             speed_switches: bool = True) -> IdentityModels:
+        """Install the adapters into `text_pipe` and load the rest; `cache` is the one the text
+        pipe was loaded with, so components both checkpoints share are loaded once. The speed
+        switches go on each pipe once its adapters are in, before `residency` takes its host
+        copy; with a swapping `residency` the text UNet leaves the device before Juggernaut's
+        arrives."""
         layout.check_present(identity_files(layout))
         adapters = install_identity_adapters(text_pipe, layout)
-        return cls(text_pipe, adapters, FaceEncoder.load(layout, runtime),
-                   load_refine_pipeline(layout, runtime), recipe_from_env())
+        speed = {}
+        if speed_switches:
+            speed["text"] = apply_speed_switches(text_pipe, runtime)
+        encoder = FaceEncoder.load(layout, runtime)
+        if residency is not None:
+            residency.add(TEXT_UNET, text_pipe.unet)
+            residency.release()
+        refine_pipe = load_refine_pipeline(layout, runtime, cache=cache)
+        if speed_switches:
+            speed["refine"] = apply_speed_switches(refine_pipe, runtime)
+        if residency is not None:
+            residency.add(REFINE_UNET, refine_pipe.unet)
+        return cls(text_pipe, adapters, encoder, refine_pipe, recipe_from_env(), residency,
+                   speed)
+
+    def _use(self, name: str) -> None:
+        if self.residency is not None:
+            self.residency.use(name)
 
     def generate(self, params: GenerationParams, reference: ReferenceIdentity,
                  scales: IdentityScales = IdentityScales()) -> Image.Image:
         """Text-to-image on the primary pipe with both IP-Adapters; the pipe is restored after."""
         with_negative = params.cfg > 1.0
+        self._use(TEXT_UNET)
         unet = self.text_pipe.unet
         clip = self.encoder.hidden_states(reference.face_crop, with_negative)
         clip = clip.to(device=unet.device, dtype=unet.dtype)
@@ -295,6 +323,7 @@ class IdentityModels:
                recipe: RefineRecipe | None = None) -> Image.Image:
         """InstantID inpainting of the masked face in `crop` (same size out); `seed` defaults to
         `refine_seed(params.seed)`."""
+        self._use(REFINE_UNET)
         return refine_crop(
             self.refine_pipe, crop, mask, target_keypoints, reference.embedding, params,
             refine_seed(params.seed) if seed is None else seed,
@@ -308,7 +337,7 @@ def identity_files(layout: Layout) -> list[Path]:
         layout.image_encoder / "config.json",
         layout.faceid_plusv2,
         layout.ip_adapter_plus_face,
-        layout.juggernaut,
+        *sdxl_files(layout, "juggernaut")[1:],
         layout.instantid_controlnet / "config.json",
         layout.instantid_adapter,
     ]

@@ -30,6 +30,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
 from PIL import Image, ImageDraw
 
+from pipeline.convert import ComponentCache, load_converted_components, pipeline_options
 from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError, shorten
 from pipeline.generate import GenerationParams, recipe_prompts, recipe_scheduler, seeded_generator
@@ -177,15 +178,19 @@ def work_size(size: tuple[int, int], guide_size: int = GUIDE_SIZE,
     return fit(width), fit(height)
 
 
-def load_refine_pipeline(layout: Layout, runtime: Runtime
+def load_refine_pipeline(layout: Layout, runtime: Runtime, *,
+                         cache: ComponentCache | None = None
                          ) -> StableDiffusionXLControlNetInpaintPipeline:
     """Juggernaut XI as a ControlNet inpaint pipeline with InstantID's ControlNet and identity
-    adapter, on the recipe's sampler, offline."""
+    adapter, on the recipe's sampler, offline. Juggernaut's components come from the build-time
+    conversion (single file as fallback); a VAE or text encoder it shares with CyberRealistic is
+    taken from `cache`, loaded once."""
     controlnet = InstantIDControlNet.from_pretrained(
         str(layout.instantid_controlnet), torch_dtype=runtime.dtype, local_files_only=True)
-    pipe = StableDiffusionXLControlNetInpaintPipeline.from_single_file(
-        str(layout.juggernaut), controlnet=controlnet, config=str(layout.sdxl_config),
-        local_files_only=True, torch_dtype=runtime.dtype)
+    components = load_converted_components(layout, "juggernaut", runtime, cache=cache)
+    pipe = StableDiffusionXLControlNetInpaintPipeline(
+        **components, controlnet=controlnet,
+        **pipeline_options(StableDiffusionXLControlNetInpaintPipeline, layout.sdxl_config))
     pipe.scheduler = recipe_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(

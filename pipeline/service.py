@@ -19,13 +19,15 @@ from typing import Any
 
 from PIL import Image
 
+from pipeline.convert import ComponentCache, load_converted_text_pipeline, sdxl_files
 from pipeline.device import pick_runtime
 from pipeline.faces import load_face_models
 from pipeline.faceswap import FaceSwapStage
-from pipeline.generate import GenerationParams, load_text_pipeline, text_to_image
+from pipeline.generate import GenerationParams, text_to_image
 from pipeline.identity import IdentityModels
 from pipeline.layout import Layout, weights_dir
 from pipeline.picker import FacePicker
+from pipeline.residency import TEXT_UNET, UnetSwap
 from pipeline.schema import MAX_SEED, Request
 
 log = logging.getLogger(__name__)
@@ -79,27 +81,40 @@ def resolve_seed(request: Request) -> int:
 class CharacterService:
     """Holds the loaded models and runs requests, one at a time."""
 
-    def __init__(self, text_pipe: Any, face_swap: FaceSwapStage):
+    def __init__(self, text_pipe: Any, face_swap: FaceSwapStage,
+                 residency: UnetSwap | None = None, speed: dict[str, Any] | None = None):
         self.text_pipe = text_pipe
         self.face_swap = face_swap
+        self.residency = residency
+        self.speed = speed or {}  # what apply_speed_switches reported, per pipeline
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, root: Path | None = None) -> CharacterService:
-        """Load every model from the weights folder (`$WEIGHTS_DIR` by default), offline."""
+        """Load every model from the weights folder (`$WEIGHTS_DIR` by default), offline.
+
+        The SDXL checkpoints come from their build-time conversion (`pipeline.convert`; single
+        file as fallback), components both share loaded once; the speed switches go on after
+        every adapter is installed; on a GPU under 28 GiB the two UNets take turns
+        (`pipeline.residency`)."""
         layout = Layout(root or weights_dir())
-        layout.check_present(layout.text_files())
+        layout.check_present(sdxl_files(layout, "cyberrealistic"))
         runtime = pick_runtime()
         started = time.perf_counter()
         # The picker first: llama.cpp reserves its vision buffers before the SDXL pipelines
         # take their share of the GPU (docs/picker.md).
         picker = FacePicker.load(layout, n_gpu_layers=-1 if runtime.is_cuda else 0)
-        text_pipe = load_text_pipeline(layout.cyberrealistic, layout.sdxl_config, runtime)
-        face_swap = FaceSwapStage(load_face_models(layout, runtime.device),
-                                  IdentityModels.load(layout, runtime, text_pipe), picker)
-        log.info("models loaded in %.1f s on %s", time.perf_counter() - started,
-                 runtime.device)
-        return cls(text_pipe, face_swap)
+        cache: ComponentCache = {}
+        text_pipe = load_converted_text_pipeline(layout, runtime, cache=cache)
+        residency = UnetSwap.for_runtime(runtime)
+        face_models = load_face_models(layout, runtime.device)
+        identity = IdentityModels.load(layout, runtime, text_pipe, cache=cache,
+                                       residency=residency)
+        residency.use(TEXT_UNET)
+        log.info("models loaded in %.1f s on %s; speed switches: %s",
+                 time.perf_counter() - started, runtime.device, identity.speed)
+        return cls(text_pipe, FaceSwapStage(face_models, identity, picker), residency,
+                   identity.speed)
 
     def warm_up(self) -> float:
         """One small generation so the first real request does not pay for lazy initialisation."""
@@ -107,6 +122,7 @@ class CharacterService:
         params = GenerationParams("warm-up", "", WARM_UP_SIZE, WARM_UP_SIZE, WARM_UP_STEPS,
                                   2.0, 0)
         with self._lock:
+            self._use_text_unet()
             text_to_image(self.text_pipe, params)
         return time.perf_counter() - start
 
@@ -118,10 +134,21 @@ class CharacterService:
                                   request.height, request.steps, request.cfg, seed)
         timings = Timings()
         with self._lock:
+            swapped = self.residency.seconds if self.residency else 0.0
             if request.wants_face_swap:
                 image, report = self.face_swap.run(request, params, timings, notify)
-                return Result(image, seed, "face_swap", dict(timings), report)
-            notify("generating")
-            with timings.stage("generate"):
-                image = text_to_image(self.text_pipe, params)
-        return Result(image, seed, "text", dict(timings))
+                result = Result(image, seed, "face_swap", dict(timings), report)
+            else:
+                notify("generating")
+                with timings.stage("generate"):
+                    self._use_text_unet()
+                    image = text_to_image(self.text_pipe, params)
+                result = Result(image, seed, "text", dict(timings))
+            if self.residency and self.residency.seconds > swapped:
+                # Inside "generate"/"refine" already; reported apart so the cost is visible.
+                result.timings["unet_swap"] = self.residency.seconds - swapped
+        return result
+
+    def _use_text_unet(self) -> None:
+        if self.residency is not None:
+            self.residency.use(TEXT_UNET)

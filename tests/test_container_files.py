@@ -222,8 +222,10 @@ def test_weights_fetched_with_secret_mount_then_verified(final_stage):
     assert "--mount=type=secret,id=hf_token" in args
     assert "HF_TOKEN_FILE=/run/secrets/hf_token python -m pipeline.weights fetch" in args
     # A failed fetch or a bad digest must fail the RUN, hence the build.
+    # Then the build-time conversion, and the single files go in the same layer.
     assert re.search(r"pipeline\.weights fetch /src/weights\s*&&\s*python -m pipeline\.weights "
-                     r"verify /src/weights\s*$", args)
+                     r"verify /src/weights\s*&&\s*python -m pipeline\.convert /src/weights "
+                     r"--remove-sources\s*$", args)
 
 
 def test_layers_ordered_for_cache(final_stage):

@@ -96,8 +96,8 @@ def test_converted_files_are_fp16_safetensors_with_a_manifest(converted):
 
 
 def test_refine_components_build_the_inpaint_pipeline_of_the_single_file(converted):
-    """What `load_refine_pipeline` builds with `from_single_file`, built from the converted
-    Juggernaut components instead, refines a face crop to the same pixels."""
+    """`load_refine_pipeline` (converted Juggernaut components) refines a face crop to the same
+    pixels as the same pipeline built with `from_single_file`."""
     from diffusers import StableDiffusionXLControlNetInpaintPipeline as Inpaint
     from PIL import Image, ImageDraw
 
@@ -111,19 +111,21 @@ def test_refine_components_build_the_inpaint_pipeline_of_the_single_file(convert
     from pipeline.twins.identity import write_identity_twins
 
     write_identity_twins(converted)
-    single = load_refine_pipeline(converted, RUNTIME)
     components = convert.load_converted_components(converted, "juggernaut", RUNTIME)
     assert set(components) == {*convert.MODEL_COMPONENTS, *convert.CONFIG_COMPONENTS}
     assert components["unet"].dtype == torch.float32  # fp16 files, loaded in the runtime dtype
+    pipe = load_refine_pipeline(converted, RUNTIME)
+    assert pipe.unet.config == components["unet"].config
     controlnet = InstantIDControlNet.from_pretrained(
         str(converted.instantid_controlnet), torch_dtype=RUNTIME.dtype, local_files_only=True)
-    pipe = Inpaint(**components, controlnet=controlnet,
-                   **convert.pipeline_options(Inpaint, converted.sdxl_config))
-    pipe.scheduler = recipe_scheduler(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_ip_adapter(str(converted.instantid_adapter.parent), subfolder="",
-                         weight_name=converted.instantid_adapter.name,
-                         image_encoder_folder=None, local_files_only=True)
+    single = Inpaint.from_single_file(
+        str(converted.juggernaut), controlnet=controlnet, config=str(converted.sdxl_config),
+        local_files_only=True, torch_dtype=RUNTIME.dtype)
+    single.scheduler = recipe_scheduler(single.scheduler.config)
+    single.set_progress_bar_config(disable=True)
+    single.load_ip_adapter(str(converted.instantid_adapter.parent), subfolder="",
+                           weight_name=converted.instantid_adapter.name,
+                           image_encoder_folder=None, local_files_only=True)
     assert dict(pipe.config) == dict(single.config)
 
     crop = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
@@ -218,3 +220,35 @@ def test_stored_dtype_reads_the_header(twins, tmp_path):
     save_file({"a": torch.zeros(10, dtype=torch.float32), "b": torch.zeros(2, dtype=torch.float16),
                "ids": torch.zeros(100, dtype=torch.int64)}, str(path))
     assert convert.stored_dtype(path) == torch.float32
+
+
+def test_a_unet_stored_once_is_still_loaded_once_per_pipeline(twins, tmp_path):
+    """Each pipeline installs its own adapters into its UNet, so even byte-identical UNets
+    are two modules."""
+    layout = _copy_sdxl(twins, tmp_path)
+    shutil.copy2(layout.cyberrealistic, layout.juggernaut)
+    convert.convert_weights(layout.root)
+    assert convert.read_manifest(layout, "juggernaut").components["unet"]["path"] == (
+        "cyberrealistic/unet")
+    cache: convert.ComponentCache = {}
+    first = convert.load_converted_components(layout, "cyberrealistic", RUNTIME, cache=cache)
+    second = convert.load_converted_components(layout, "juggernaut", RUNTIME, cache=cache)
+    assert first["unet"] is not second["unet"]
+    assert first["vae"] is second["vae"]
+
+
+def test_remove_sources_leaves_a_tree_that_loads_from_the_conversion(twins, tmp_path, capsys):
+    layout = _copy_sdxl(twins, tmp_path)
+    expected = _pixels(text_to_image(
+        load_text_pipeline(layout.cyberrealistic, layout.sdxl_config, RUNTIME), PARAMS))
+    assert convert.sdxl_files(layout, "cyberrealistic")[1] == layout.cyberrealistic
+    assert convert.main([str(layout.root), "--remove-sources"]) == 0
+    capsys.readouterr()
+    assert not layout.cyberrealistic.exists() and not layout.juggernaut.exists()
+    files = convert.sdxl_files(layout, "cyberrealistic")
+    assert files[1] == convert.converted_root(layout) / "cyberrealistic" / convert.MANIFEST
+    layout.check_present(files)
+    pipe = convert.load_converted_text_pipeline(layout, RUNTIME)
+    assert np.array_equal(_pixels(text_to_image(pipe, PARAMS)), expected)
+    # converting again without the sources: current, nothing to do, no error
+    assert set(convert.convert_weights(layout.root)) == {"cyberrealistic", "juggernaut"}

@@ -109,6 +109,21 @@ def test_one_marker_found_by_both_detectors(models):
     np.testing.assert_allclose(target[0].keypoints, reference[0].keypoints, atol=tolerance)
 
 
+def test_target_detection_leaves_torch_thread_count_alone(models):
+    """ultralytics sets torch's CPU thread count on every predictor set-up; ours is restored
+    (it halved CPU speed on this 2-core machine and changed later images by a level)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        models.yolo.predictor = None  # force ultralytics' set-up (select_device) again
+        F.detect_target_faces(models, marker_scene(PORTRAIT, [(300, 420, 520, 700)]))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_several_markers_sizes_rows_and_order(models):
     boxes = [(40, 40, 240, 200), (300, 60, 360, 120), (420, 40, 600, 300),  # one row
              (60, 380, 100, 420), (200, 340, 620, 600)]

@@ -52,7 +52,8 @@ def layout(tmp_path_factory) -> Layout:
 @pytest.fixture(scope="module")
 def models(layout) -> IdentityModels:
     text_pipe = load_text_pipeline(layout.cyberrealistic, layout.sdxl_config, CPU)
-    return IdentityModels.load(layout, CPU, text_pipe)
+    # No speed switches: the tests below compare against plain pipes byte for byte.
+    return IdentityModels.load(layout, CPU, text_pipe, speed_switches=False)
 
 
 @pytest.fixture(scope="module")

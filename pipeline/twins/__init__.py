@@ -3,8 +3,9 @@
 `write_tiny_weights(root)` (CLI: `python -m pipeline.weights tiny DIR`) writes a complete weights
 tree that the production loaders read unchanged, in seconds and without network: the two SDXL
 single-file checkpoints and their config folder, the face models (InsightFace ONNX, YOLO, SAM),
-the identity models (CLIP ViT-H encoder, IP-Adapters, InstantID) and the picker's GGUF files.
-The images they make are noise; the code paths are the real ones.
+the identity models (CLIP ViT-H encoder, IP-Adapters, InstantID) and the picker's GGUF files,
+then the checkpoints' build-time conversion (`converted/`). The images they make are noise; the
+code paths are the real ones.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from pipeline.layout import Layout
 
 
-def write_tiny_weights(root: Path) -> Layout:
+def write_tiny_weights(root: Path, convert: bool = True) -> Layout:
     """Write every twin under `root`; returns the layout. The SDXL twins come first: the identity
-    twins are sized on the SDXL twin's UNet config."""
+    twins are sized on the SDXL twin's UNet config. `convert` then runs the build-time
+    conversion (`pipeline.convert`), as the images do, so start-up takes the production path."""
     from pipeline.twins.faces import write_face_twins
     from pipeline.twins.identity import write_identity_twins
     from pipeline.twins.picker import write_picker_twins
@@ -27,4 +29,8 @@ def write_tiny_weights(root: Path) -> Layout:
     write_face_twins(layout)
     write_identity_twins(layout)
     write_picker_twins(layout)
+    if convert:
+        from pipeline.convert import convert_weights
+
+        convert_weights(layout.root)
     return layout
