@@ -124,7 +124,7 @@ def meta_identity_models(unet: torch.nn.Module, dtype: torch.dtype = torch.float
 
 
 def meta_sam() -> torch.nn.Module:
-    from pipeline.faces import SAM_VIT_B, build_sam
+    from pipeline.segment import SAM_VIT_B, build_sam
 
     with torch.device("meta"):
         return build_sam(SAM_VIT_B)
@@ -239,8 +239,8 @@ def write_fullsize_weights(root: Path) -> Any:
     (fp16), the identity models, SAM ViT-B (random), and the tiny face-detector and picker
     twins (their cost is not what the benchmark measures). Then converted."""
     from pipeline.convert import convert_weights
-    from pipeline.faces import SAM_VIT_B, build_sam
     from pipeline.layout import Layout
+    from pipeline.segment import SAM_VIT_B, build_sam
     from pipeline.twins.faces import write_face_twins
     from pipeline.twins.picker import write_picker_twins
 

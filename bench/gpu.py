@@ -77,9 +77,9 @@ def prepare_weights(root: Path | None, smoke: bool) -> Path:
 
 def load_models(root: Path, runtime: Any) -> Models:
     from pipeline.convert import load_converted_text_pipeline
-    from pipeline.faces import load_sam
     from pipeline.identity import IdentityModels
     from pipeline.layout import Layout
+    from pipeline.segment import load_sam
 
     layout = Layout(root)
     seconds: dict[str, float] = {}

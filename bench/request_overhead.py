@@ -28,6 +28,12 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# Model compute; everything else in a request is overhead: validation, decode of the reference,
+# crop and paste-back, encoding, transport. "reference" is mostly InsightFace on the reference
+# (its decode alone is timed in its own row), so it counts as model time.
+MODEL_STAGES = ("reference", "generate", "refine", "detect_target", "mask", "similarity")
+
+
 def median_seconds(fn, repeat: int) -> float:
     samples = []
     for _ in range(repeat):
@@ -94,31 +100,56 @@ def request_table(repeat: int, weights: Path) -> dict[str, dict]:
     predictor = Predictor()
     predictor.setup()
     runpod_adapter._predictor = predictor
+    face = with_applied_swap(predictor, face)
+    rows["face request seed (swap applied)"] = {"seconds": 0.0, "seed": face["seed"]}
     for mode, payload in (("text", text), ("face", face)):
         request = validate_request(payload)
-        results = []
-        total = median_seconds(lambda r=request, out=results: out.append(predictor.generate(r)), repeat)
-        rows[f"{mode}: predictor.generate 832x1216"] = {
-            "seconds": total, "stages": results[-1].timings}
-        answers = []
-        total = median_seconds(lambda p=payload, out=answers: out.append(
-            runpod_adapter.handler({"id": "bench", "input": p})), repeat)
-        stages = answers[-1].get("timings", {})
-        rows[f"{mode}: RunPod handler 832x1216"] = {"seconds": total, "stages": stages}
+        rows[f"{mode}: predictor.generate 832x1216"] = path_row(
+            lambda r=request: predictor.generate(r).timings, repeat)
+        rows[f"{mode}: RunPod handler 832x1216"] = path_row(
+            lambda p=payload: runpod_adapter.handler({"id": "bench", "input": p})["timings"],
+            repeat)
     from scripts.local_servers import CogServer
 
     server = CogServer(ROOT, weights, Path(tempfile.mkdtemp(prefix="bench-cog-")))
     server.start()
     try:
         for mode, payload in (("text", text), ("face", face)):
-            bodies = []
-            total = median_seconds(lambda p=payload, out=bodies: out.append(server.predict(p).json()),
-                                   repeat)
-            rows[f"{mode}: Cog POST /predictions 832x1216"] = {
-                "seconds": total, "stages": bodies[-1]["output"]["timings"]}
+            rows[f"{mode}: Cog POST /predictions 832x1216"] = path_row(
+                lambda p=payload: server.predict(p).json()["output"]["timings"], repeat)
     finally:
         server.stop()
     return rows
+
+
+def with_applied_swap(predictor, face: dict, seeds: int = 16) -> dict:
+    """The face payload with the first seed whose twin scene has a face, so the face rows time
+    the whole swap (refine, mask, paste); the SDXL twin paints one for some seeds only."""
+    from pipeline.schema import validate_request
+
+    for seed in range(seeds):
+        payload = {**face, "seed": seed}
+        if predictor.generate(validate_request(payload)).face_swap["applied"]:
+            return payload
+    raise RuntimeError(f"no seed in 0..{seeds - 1} gave the twin scene a face")
+
+
+def path_row(call, repeat: int) -> dict:
+    """`repeat` timed calls of one request path; `call` returns the server-side stage timings.
+    Non-model time = wall time minus the model stages, per run; medians of each."""
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        stages = call()
+        total = time.perf_counter() - start
+        model = sum(v for k, v in stages.items() if k in MODEL_STAGES)
+        runs.append({"seconds": total, "model": model, "non_model": total - model,
+                     "stages": stages})
+    return {"seconds": statistics.median(r["seconds"] for r in runs),
+            "model_seconds": statistics.median(r["model"] for r in runs),
+            "non_model_seconds": statistics.median(r["non_model"] for r in runs),
+            "non_model_share": statistics.median(r["non_model"] / r["seconds"] for r in runs),
+            "stages": runs[-1]["stages"]}
 
 
 def main() -> int:
@@ -135,13 +166,17 @@ def main() -> int:
     print(f"{'encoder (832x1216)':32} {'median s':>9} {'bytes':>10}")
     for name, row in encoders.items():
         print(f"{name:32} {row['seconds']:9.4f} {row['bytes']:10d}")
-    print(f"\n{'request path (tiny twins, CPU)':44} {'median s':>9}  non-model share")
+    print(f"\n{'request path (tiny twins, CPU)':40} {'median s':>9} {'model s':>8} "
+          f"{'other s':>8} {'other %':>8}")
     for name, row in requests_.items():
-        stages = row.get("stages") or {}
-        model = sum(v for k, v in stages.items() if k in ("generate", "refine", "detect_target",
-                                                          "mask", "similarity"))
-        share = f"{(row['seconds'] - model) / row['seconds']:.0%}" if stages else ""
-        print(f"{name:44} {row['seconds']:9.4f}  {share}")
+        if "seed" in row:
+            print(f"{name:40} {row['seed']:9d}")
+            continue
+        if "non_model_seconds" not in row:
+            print(f"{name:40} {row['seconds']:9.4f}")
+            continue
+        print(f"{name:40} {row['seconds']:9.4f} {row['model_seconds']:8.4f} "
+              f"{row['non_model_seconds']:8.4f} {row['non_model_share']:8.1%}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "repeat": args.repeat,

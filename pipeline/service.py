@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from pipeline.convert import ComponentCache, load_converted_text_pipeline, sdxl_files
@@ -111,8 +112,9 @@ class CharacterService:
         identity = IdentityModels.load(layout, runtime, text_pipe, cache=cache,
                                        residency=residency)
         residency.use(TEXT_UNET)
-        log.info("models loaded in %.1f s on %s; speed switches: %s",
-                 time.perf_counter() - started, runtime.device, identity.speed)
+        log.info("models loaded in %.1f s on %s (%d CPU threads); speed switches: %s",
+                 time.perf_counter() - started, runtime.device, torch.get_num_threads(),
+                 identity.speed)
         return cls(text_pipe, FaceSwapStage(face_models, identity, picker), residency,
                    identity.speed)
 

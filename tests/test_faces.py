@@ -10,9 +10,11 @@ checked against the boxes drawn. Real photos run through the same code at their 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +22,13 @@ import torch
 from PIL import Image
 
 from pipeline import faces as F
+from pipeline import segment as S
 from pipeline.errors import InvalidInput, WeightsMissing
 from pipeline.layout import Layout
 from pipeline.twins.faces import TWIN_SAM, write_face_twins
 from tests.face_images import draw_face_marker, marker_scene, noise_image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # insightface's alignment calls a scikit-image method deprecated in 0.26: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
@@ -80,7 +85,7 @@ def test_insightface_routes_every_twin_by_its_signature(written):
 
 
 def test_loader_builds_production_models(models, written):
-    from ultralytics import YOLO
+    YOLO = F.yolo_class()
 
     assert set(models.analysis.models) == {"detection", "recognition"}
     assert models.analysis.det_model.input_sizes == [F.DET_SIZE]
@@ -107,6 +112,22 @@ def test_one_marker_found_by_both_detectors(models):
     # the target got its keypoints and embedding from InsightFace on its crop
     assert target[0].keypoints is not None and target[0].embedding is not None
     np.testing.assert_allclose(target[0].keypoints, reference[0].keypoints, atol=tolerance)
+
+
+def test_importing_yolo_leaves_omp_num_threads_unset_for_child_processes():
+    """ultralytics sets OMP_NUM_THREADS=1 at import; every server a test or benchmark starts
+    afterwards then ran torch on one thread. Fresh interpreters: the import alone sets it, ours
+    does not."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    probe = "import os; {}; print(os.environ.get('OMP_NUM_THREADS'))"
+    outputs = [subprocess.run([sys.executable, "-c", probe.format(code)], env=env, check=True,
+                              capture_output=True, text=True, cwd=ROOT).stdout.split()[-1]
+               for code in ("import ultralytics",
+                            "from pipeline.faces import yolo_class; yolo_class()")]
+    assert outputs == ["1", "None"]
 
 
 def test_target_detection_leaves_torch_thread_count_alone(models):
@@ -319,17 +340,17 @@ def test_missing_insightface_folder_raises_before_any_download(tmp_path, written
 
 def test_sam_configuration_read_from_shapes():
     with torch.device("meta"):  # shapes only: the real ViT-B without allocating it
-        real = F.build_sam(F.SAM_VIT_B).state_dict()
-        twin = F.build_sam(TWIN_SAM).state_dict()
-    assert F.sam_config_from_state_dict(real) == F.SAM_VIT_B
-    assert F.sam_config_from_state_dict(twin) == TWIN_SAM
+        real = S.build_sam(S.SAM_VIT_B).state_dict()
+        twin = S.build_sam(TWIN_SAM).state_dict()
+    assert S.sam_config_from_state_dict(real) == S.SAM_VIT_B
+    assert S.sam_config_from_state_dict(twin) == TWIN_SAM
 
 
 def test_corrupt_sam_checkpoint_is_weights_missing(tmp_path):
     path = tmp_path / "sam.pth"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsMissing, match="sam.pth"):
-        F.load_sam(path, torch.device("cpu"))
+        S.load_sam(path, torch.device("cpu"))
 
 
 def test_no_network_attempt(written, monkeypatch):

@@ -35,7 +35,7 @@ Twins written (real sizes in brackets):
   for strides 8, 16, 32, 2 anchors per cell); the recognisers are fixed random convolution +
   projection nets, [N,3,112,112] -> [N,512], different per folder; the landmark and gender/age
   twins only have the right signatures (the loader does not use them).
-- SAM ViT-B `sam_vit_b_01ec64.pth` [375 MB]: a state dict of `pipeline.faces.build_sam` at
+- SAM ViT-B `sam_vit_b_01ec64.pth` [375 MB]: a state dict of `pipeline.segment.build_sam` at
   `TWIN_SAM` (the same segment-anything classes: 2 blocks of width 64, 256 px input); the
   loader reads the configuration back from the tensor shapes.
 Deterministic (fixed seeds); about 5 MB in all, written in under 2 s.
@@ -44,7 +44,6 @@ Deterministic (fixed seeds); about 5 MB in all, written in under 2 s.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -53,8 +52,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.faces import KEYPOINT_FRACTIONS, SamConfig, build_sam
+from pipeline.faces import KEYPOINT_FRACTIONS, yolo_class
 from pipeline.layout import Layout
+from pipeline.segment import SamConfig, build_sam
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,7 @@ def _set_yolo_head(detect) -> None:
 
 
 def write_yolo_twin(path: Path) -> None:
-    os.environ.setdefault("YOLO_OFFLINE", "1")  # no connectivity check at import
-    from ultralytics import YOLO
+    YOLO = yolo_class()
 
     with tempfile.TemporaryDirectory() as scratch:
         spec = Path(scratch) / "face_twin.yaml"
