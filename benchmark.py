@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import importlib
 import json
-import math
 import mimetypes
 import os
 import random
@@ -21,28 +19,29 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
-
-import requests
 
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)  # pipeline/ sits next to this file; run from anywhere
 
+from benchmark_clients import POLL_BACKOFF, POLL_MAX_S, CloudClient, JobFailed, LocalClient
+from benchmark_report import (
+    contact_sheet,
+    optional_module,
+    print_summary,
+    summarize,
+    write_report,
+)
 from pipeline.schema import MAX_SEED, REQUEST_FIELDS, RESOLUTION_PRESETS, check_field
 
 DEFAULT_API_BASE = "https://api.runpod.ai/v2"
 DEFAULT_PROMPT = "a confident woman in a business suit, professional lighting"
 MODE_WORDS = {"text": "text", "face": "faceswap"}  # --modes value -> word in file names
-TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
-RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}  # transient: retried until the job's deadline
-POLL_BACKOFF, POLL_MAX_S, HTTP_TIMEOUT_S = 1.5, 5.0, 30.0
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "webp": "webp"}
-TILE, LABEL_H, SHEET_COLUMNS = 256, 18, 5
 
 EPILOG = """\
 typical calls:
@@ -57,14 +56,6 @@ request i gets modes[i % len(modes)] and resolutions[(i // len(modes)) % len(res
 environment: RUNPOD_API_KEY (cloud API only; never printed or saved), RUNPOD_ENDPOINT_ID.
 exit status: 0 when every job succeeded, 1 when any failed, 2 on bad arguments, 130 on Ctrl-C.
 """
-
-
-class JobFailed(Exception):
-    """A job ended without an image; `status` is RunPod's final status or a CLIENT_* one."""
-
-    def __init__(self, message: str, status: str = "CLIENT_ERROR"):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -96,111 +87,6 @@ class Job:
     def describe(self) -> str:
         outcome = f"{self.client_seconds:.2f} s" if self.ok else f"{self.status}: {self.error}"
         return f"{self.index:03d} {self.mode} {self.resolution}: {outcome}"
-
-
-def _optional(name: str) -> Any:
-    """An optional module (tqdm, PIL.Image...), or None when it is not installed."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-class CloudClient:
-    """RunPod's serverless API: POST /run, then GET /status/<id> with backoff until done."""
-
-    def __init__(self, api_base: str, endpoint_id: str, api_key: str, poll_s: float,
-                 stop: threading.Event):
-        self.base = f"{api_base.rstrip('/')}/{endpoint_id}"
-        self.headers = {"Authorization": f"Bearer {api_key}"}
-        self.poll_s, self.stop = poll_s, stop
-
-    def _wait(self, seconds: float) -> None:
-        if self.stop.wait(max(0.0, seconds)):
-            raise JobFailed("interrupted", "INTERRUPTED")
-
-    def _call(self, method: str, route: str, deadline: float, **kwargs: Any) -> dict:
-        delay, problem = self.poll_s, ""
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                response = requests.request(method, self.base + route, headers=self.headers,
-                                            timeout=min(HTTP_TIMEOUT_S, remaining), **kwargs)
-            except requests.RequestException as error:
-                problem = f"{type(error).__name__}: {error}"
-            else:
-                if response.status_code < 400:
-                    return _json_body(response, f"{method} {route}")
-                problem = f"HTTP {response.status_code} from {method} {route}: {response.text[:200]}"
-                if response.status_code not in RETRY_HTTP:
-                    raise JobFailed(problem)
-            self._wait(min(delay, deadline - time.monotonic()))
-            delay = min(delay * POLL_BACKOFF, POLL_MAX_S)
-        raise JobFailed(problem, "CLIENT_TIMEOUT")
-
-    def run(self, job: Job, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        body: dict = {}
-        try:
-            body = self._call("POST", "/run", deadline, json={"input": job.payload})
-            job.job_id = body.get("id")
-            if not job.job_id:
-                raise JobFailed(f"/run answered without a job id: {str(body)[:200]}")
-            delay = self.poll_s
-            while body.get("status") not in TERMINAL:
-                self._wait(min(delay, deadline - time.monotonic()))
-                delay = min(delay * POLL_BACKOFF, POLL_MAX_S)
-                body = self._call("GET", f"/status/{job.job_id}", deadline)
-            return body
-        except JobFailed as error:
-            if error.status not in ("CLIENT_TIMEOUT", "INTERRUPTED"):
-                raise
-            if job.job_id:
-                self.cancel(job.job_id)
-            if error.status == "INTERRUPTED":
-                raise
-            last = f"; last status {body.get('status')}" if body.get("status") else ""
-            detail = f"; last error: {error}" if str(error) else ""
-            raise JobFailed(f"client timeout after {timeout:g} s{last}{detail}",
-                            "CLIENT_TIMEOUT") from None
-
-    def cancel(self, job_id: str) -> None:
-        """Best effort: a job the client gave up on should not keep a GPU busy."""
-        try:
-            requests.post(f"{self.base}/cancel/{job_id}", headers=self.headers, timeout=10)
-        except requests.RequestException:
-            pass
-
-
-class LocalClient:
-    """The RunPod SDK's local server (`--rp_serve_api`): one blocking POST /runsync per job."""
-
-    def __init__(self, url: str):
-        self.url = url.rstrip("/")
-
-    def run(self, job: Job, timeout: float) -> dict:
-        try:
-            response = requests.post(f"{self.url}/runsync", json={"input": job.payload},
-                                     timeout=(10, timeout))
-        except requests.ReadTimeout:
-            raise JobFailed(f"client timeout after {timeout:g} s", "CLIENT_TIMEOUT") from None
-        except requests.RequestException as error:
-            raise JobFailed(f"request failed: {type(error).__name__}: {error}") from None
-        if response.status_code >= 400:
-            raise JobFailed(f"HTTP {response.status_code} from POST /runsync: "
-                            f"{response.text[:200]}")
-        body = _json_body(response, "POST /runsync")
-        job.job_id = body.get("id")
-        return body
-
-
-def _json_body(response: requests.Response, what: str) -> dict:
-    try:
-        body = response.json()
-    except ValueError:
-        raise JobFailed(f"{what} answered non-JSON: {response.text[:200]!r}") from None
-    if not isinstance(body, dict):
-        raise JobFailed(f"{what} answered {type(body).__name__}, not an object")
-    return body
 
 
 def _text(value: Any) -> str:
@@ -261,7 +147,7 @@ class Progress:
 
     def __init__(self, total: int):
         self.total, self.done, self.failed = total, 0, 0
-        tqdm = _optional("tqdm")
+        tqdm = optional_module("tqdm")
         self.bar = tqdm.tqdm(total=total, unit="job", file=sys.stderr) if tqdm else None
         if self.bar is None:
             print("note: tqdm is not installed; printing one line per finished job",
@@ -302,105 +188,6 @@ def run_all(client: Any, jobs: list[Job], args: argparse.Namespace, folder: Path
         raise
     pool.shutdown()
     return round(time.monotonic() - started, 3)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolated percentile of sorted `values` (numpy's default method)."""
-    if not values:
-        return None
-    rank = (len(values) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return round(values[low] + (values[high] - values[low]) * (rank - low), 3)
-
-
-def _stats(members: list[Job], wall: float | None) -> dict[str, Any]:
-    warm = sorted(j.client_seconds for j in members if j.ok and not j.cold_start)
-    return {"count": len(members), "completed": sum(j.ok for j in members),
-            "failures": sum(not j.ok for j in members),
-            "min": warm[0] if warm else None, "p50": percentile(warm, 50),
-            "p95": percentile(warm, 95), "max": warm[-1] if warm else None,
-            "images_per_minute": round(len(warm) * 60 / wall, 2) if wall else None}
-
-
-def summarize(jobs: list[Job], wall: float | None, args: argparse.Namespace) -> dict[str, Any]:
-    groups = []
-    for resolution in dict.fromkeys(args.resolutions):
-        for mode in dict.fromkeys(args.modes):
-            members = [j for j in jobs if (j.resolution, j.mode) == (resolution, mode)]
-            if members:
-                groups.append({"resolution": resolution, "mode": mode, **_stats(members, wall)})
-    cold = {key: getattr(jobs[0], key) for key in ("index", "ok", "status", "client_seconds",
-                                                     "delay_time_ms", "execution_time_ms")}
-    return {"total": len(jobs), "completed": sum(j.ok for j in jobs),
-            "failed": sum(not j.ok for j in jobs), "cold_start": cold,
-            "concurrent_phase": {"requests": len(jobs) - 1, "wall_seconds": wall,
-                                 "concurrency": args.concurrency},
-            "groups": groups, "overall": {"resolution": "all", "mode": "all", **_stats(jobs, wall)}}
-
-
-def print_summary(summary: dict[str, Any], jobs: list[Job], folder: Path) -> None:
-    def cell(value: Any) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    print(f"\nsummary: {summary['completed']} of {summary['total']} completed, "
-          f"{summary['failed']} failed. Latency: client seconds of completed requests after "
-          "the cold start; img/min: those images per minute of the concurrent phase")
-    print(f"{'resolution':<16}{'mode':<6}{'count':>6}{'fail':>6}{'min s':>9}{'p50 s':>9}"
-          f"{'p95 s':>9}{'max s':>9}{'img/min':>9}")
-    for row in [*summary["groups"], summary["overall"]]:
-        print(f"{row['resolution']:<16}{row['mode']:<6}{row['count']:>6}{row['failures']:>6}"
-              + "".join(f"{cell(row[k]):>9}" for k in ("min", "p50", "p95", "max",
-                                                        "images_per_minute")))
-    cold, phase = summary["cold_start"], summary["concurrent_phase"]
-    times = ", ".join(f"{name} {cold[key]:.0f} ms" for name, key in
-                      (("delayTime", "delay_time_ms"), ("executionTime", "execution_time_ms"))
-                      if isinstance(cold[key], (int, float)))
-    print(f"cold start: {jobs[0].describe()}" + (f" ({times})" if times else ""))
-    if phase["wall_seconds"] is not None:
-        print(f"concurrent phase: {phase['requests']} requests at concurrency "
-              f"{phase['concurrency']} in {phase['wall_seconds']:.2f} s wall")
-    failed = [f"  {j.describe()}" for j in jobs if not j.ok]
-    print("\n".join([f"failed ({len(failed)}):", *failed]) if failed else "no failures")
-    print(f"images and report.json: {folder}")
-
-
-def contact_sheet(jobs: list[Job], folder: Path) -> Path | None:
-    """A grid of thumbnails (failed jobs as grey tiles), when Pillow is installed."""
-    image_module, draw_module = _optional("PIL.Image"), _optional("PIL.ImageDraw")
-    if image_module is None or draw_module is None:
-        print("note: Pillow is not installed; no contact sheet", file=sys.stderr)
-        return None
-    columns = min(len(jobs), SHEET_COLUMNS)
-    rows = math.ceil(len(jobs) / columns)
-    sheet = image_module.new("RGB", (columns * TILE, rows * (TILE + LABEL_H)), "white")
-    draw = draw_module.Draw(sheet)
-    for position, job in enumerate(jobs):
-        x, y = (position % columns) * TILE, (position // columns) * (TILE + LABEL_H)
-        draw.rectangle((x + 1, y + 1, x + TILE - 2, y + TILE - 2), fill=(90, 90, 90))
-        if job.image_file:
-            try:
-                with image_module.open(folder / job.image_file) as image:
-                    image.thumbnail((TILE - 4, TILE - 4))
-                    sheet.paste(image.convert("RGB"), (x + (TILE - image.width) // 2,
-                                                       y + (TILE - image.height) // 2))
-            except OSError:
-                pass
-        label = (f"{job.index:03d} {job.mode} {job.width}x{job.height} "
-                 + (f"{job.client_seconds:.1f}s" if job.ok else job.status))
-        draw.text((x + 4, y + TILE + 3), label, fill=(0, 0, 0) if job.ok else (200, 0, 0))
-    path = folder / "contact_sheet.png"
-    sheet.save(path)
-    return path
-
-
-def redact_url(url: str | None) -> str | None:
-    """A URL fit for the report: data: URIs shortened, credentials and query values hidden."""
-    if not url or url.startswith("data:"):
-        return f"{url[:32]}... ({len(url)} chars)" if url else url
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
@@ -525,28 +312,6 @@ def make_run_folder(output_dir: Path) -> Path:
         attempt += 1
     folder.mkdir(parents=True)
     return folder
-
-
-def write_report(path: Path, args: argparse.Namespace, jobs: list[Job], summary: dict,
-                 started: datetime, api_key: str | None) -> None:
-    target = ({"kind": "local", "url": args.local} if args.local else
-              {"kind": "cloud", "api_base": args.api_base, "endpoint_id": args.endpoint_id})
-    settings = {key: getattr(args, key) for key in ("count", "modes", "resolutions", "steps", "cfg",
-                                                   "seed", "concurrency", "timeout", "prompt",
-                                                   "negative_prompt", "face_description")}
-    settings["face_url"] = redact_url(args.face_url)
-    rows = []
-    for job in jobs:
-        row = {**asdict(job), "ok": job.ok, "payload": dict(job.payload)}
-        if "image_url" in row["payload"]:
-            row["payload"]["image_url"] = redact_url(row["payload"]["image_url"])
-        rows.append(row)
-    report = {"started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
-              "target": target, "settings": settings, "summary": summary, "requests": rows}
-    text = json.dumps(report, indent=2, default=str)
-    if api_key:
-        text = text.replace(api_key, "***")  # whatever echoed it, the key is never written
-    path.write_text(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

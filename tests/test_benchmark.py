@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import benchmark
+import benchmark_report
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "rp_TESTKEY_abc123_do_not_leak"
@@ -173,7 +174,7 @@ def test_cloud_run_saves_images_report_and_summary(server, tmp_path, monkeypatch
                       "001_faceswap_640x960_steps35_cfg2.0_seed101.png",
                       "005_faceswap_640x960_steps35_cfg2.0_seed105.png"]
     assert Image.open(folder / images[1]).format == "PNG"
-    assert Image.open(folder / "contact_sheet.png").width == 5 * benchmark.TILE
+    assert Image.open(folder / "contact_sheet.png").width == 5 * benchmark_report.TILE
 
     text = (folder / "report.json").read_text()
     assert KEY not in text and KEY not in out and KEY not in err
@@ -228,7 +229,8 @@ def test_wrong_key_is_refused_and_counted(server, tmp_path, monkeypatch, capsys)
 def test_local_server_runsync_without_tqdm_or_pillow(server, tmp_path, monkeypatch, capsys):
     rec, url = server
     monkeypatch.setenv("RUNPOD_API_KEY", KEY)
-    monkeypatch.setattr(benchmark, "_optional", lambda name: None)
+    for module in (benchmark, benchmark_report):  # tqdm in the client, Pillow in the report
+        monkeypatch.setattr(module, "optional_module", lambda name: None)
     code = benchmark.main(["--local", url, "--count", "4", "--resolutions", "square",
                            "--concurrency", "2", "--seed", "100", "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -291,21 +293,22 @@ def test_combinations_cycle_and_seeds_increment():
 
 
 def test_percentile_interpolates():
-    assert benchmark.percentile([], 50) is None
-    assert benchmark.percentile([1.0], 95) == 1.0
-    assert benchmark.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert benchmark.percentile([float(v) for v in range(1, 101)], 95) == 95.05
+    assert benchmark_report.percentile([], 50) is None
+    assert benchmark_report.percentile([1.0], 95) == 1.0
+    assert benchmark_report.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert benchmark_report.percentile([float(v) for v in range(1, 101)], 95) == 95.05
 
 
 def test_only_stdlib_requests_and_schema_are_imported_at_top_level():
-    tree = ast.parse((ROOT / "benchmark.py").read_text())
+    own = {"benchmark", "benchmark_clients", "benchmark_report"}
     modules = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            modules.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module)
-    third_party = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
+    for name in own:
+        for node in ast.parse((ROOT / f"{name}.py").read_text()).body:
+            if isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                modules.add(node.module)
+    third_party = {m for m in modules - own if m.split(".")[0] not in sys.stdlib_module_names}
     assert third_party == {"requests", "pipeline.schema"}
     assert "__future__" in modules  # the walk saw the imports at all
 
