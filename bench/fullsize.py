@@ -198,11 +198,11 @@ def random_state_dict(module: torch.nn.Module, seed: int,
 def write_fullsize_checkpoint(path: Path, seeds: dict[str, int],
                               dtype: torch.dtype = torch.float16) -> int:
     """An SDXL single-file checkpoint of random values in the original key layout (converted
-    by `pipeline.twins.sdxl.to_original_checkpoint`); `seeds` per component (equal seeds give
+    by `pipeline.twins.sdxl_original.to_original_checkpoint`); `seeds` per component (equal seeds give
     byte-identical components). Peak RAM: one checkpoint (~7 GB). Returns the file size."""
     from safetensors.torch import save_file
 
-    from pipeline.twins.sdxl import to_original_checkpoint
+    from pipeline.twins.sdxl_original import to_original_checkpoint
 
     models = meta_sdxl(dtype)
     for component, model in models.items():
