@@ -35,6 +35,7 @@ class Output(BaseModel):
 class Predictor(BasePredictor):
     def setup(self) -> None:
         self.service = CharacterService.load()
+        self.warm_up_seconds = self.service.warm_up()
         self._output_dir = Path(tempfile.mkdtemp(prefix="cog-output-"))
 
     def generate(self, request: Request, progress: Progress | None = None) -> Result:

@@ -86,7 +86,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     predictor = get_predictor()
-    log.info("warm-up generation took %.2f s", predictor.service.warm_up())
+    log.info("models loaded; warm-up generation took %.2f s", predictor.warm_up_seconds)
     runpod.serverless.start({"handler": handler,
                              "concurrency_modifier": lambda _current: MAX_CONCURRENCY})
 

@@ -30,6 +30,7 @@ from pipeline.layout import Layout, weights_dir
 from pipeline.picker import FacePicker
 from pipeline.residency import TEXT_UNET, UnetSwap
 from pipeline.schema import MAX_SEED, Request
+from pipeline.speed import COMPILE_WARM_UP_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,25 @@ class CharacterService:
                    identity.speed)
 
     def warm_up(self) -> float:
-        """One small generation so the first real request does not pay for lazy initialisation."""
+        """Small generations so the first real request does not pay for lazy initialisation;
+        with `torch.compile` on, also one at each of `COMPILE_WARM_UP_SIZES`, whose seconds
+        (mostly compilation) are logged and kept in `speed["text"]["compile"]`. The refine
+        pipe compiles at the first face request."""
+        sizes = [(WARM_UP_SIZE, WARM_UP_SIZE)]
+        compile_report = self.speed.get("text", {}).get("compile", {})
+        if compile_report.get("applied"):
+            sizes += list(COMPILE_WARM_UP_SIZES)
         start = time.perf_counter()
-        params = GenerationParams("warm-up", "", WARM_UP_SIZE, WARM_UP_SIZE, WARM_UP_STEPS,
-                                  2.0, 0)
         with self._lock:
             self._use_text_unet()
-            text_to_image(self.text_pipe, params)
+            for width, height in sizes:
+                started = time.perf_counter()
+                text_to_image(self.text_pipe, GenerationParams(
+                    "warm-up", "", width, height, WARM_UP_STEPS, 2.0, 0))
+                if compile_report.get("applied"):
+                    seconds = round(time.perf_counter() - started, 2)
+                    compile_report.setdefault("warm_up_seconds", {})[f"{width}x{height}"] = seconds
+                    log.info("warm-up %dx%d with torch.compile: %.1f s", width, height, seconds)
         return time.perf_counter() - start
 
     def run(self, request: Request, progress: Progress | None = None) -> Result:

@@ -186,3 +186,27 @@ def test_vae_tiles_only_above_the_pixel_budget(base_pipe):
         large = vae.decode(torch.randn(1, 4, 8, 12)).sample  # 64x96: tiled
     assert len(tiled) == 1 and large.shape == (1, 3, 64, 96)
     assert vae.use_tiling is False  # encode is never tiled by this switch
+
+
+def test_warm_up_runs_the_compile_sizes_and_reports_their_seconds(predictor, monkeypatch):
+    """With torch.compile on, `warm_up` also generates at each COMPILE_WARM_UP_SIZES shape (the
+    compilations happen there, not in the first request) and keeps the seconds per shape."""
+    service = predictor.service
+    shapes = []
+    real_call = type(service.text_pipe).__call__
+
+    def recording_call(pipe, *args, **kwargs):
+        shapes.append((kwargs["width"], kwargs["height"]))
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(service.text_pipe), "__call__", recording_call)
+    monkeypatch.setattr(service, "speed", {"text": {"compile": {"applied": False}}})
+    service.warm_up()
+    assert shapes == [(512, 512)]
+    shapes.clear()
+    report = {"applied": True}
+    monkeypatch.setattr(service, "speed", {"text": {"compile": report}})
+    service.warm_up()
+    assert shapes == [(512, 512), *speed.COMPILE_WARM_UP_SIZES]
+    assert set(report["warm_up_seconds"]) == {"512x512", "832x1216", "1216x832"}
+    assert all(seconds > 0 for seconds in report["warm_up_seconds"].values())
