@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from pipeline.errors import WeightsMissing
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1
 DEFAULT_LOCK = PROJECT_ROOT / "weights.lock"
-TINY_LOCK_NAME = "weights.tiny.lock"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _ENTRY_KEYS = ("name", "target", "license", "gated", "sources", "files")  # canonical order
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -318,46 +317,7 @@ def verify(root: Path | str, lock: Lock, *, allow_unpinned: bool = False) -> Non
     log.info("verified %d file(s) under %s", len(lock.items()), root)
 
 
-def lock_from_tree(root: Path | str, template: Lock) -> Lock:
-    """A lock with the template's names and targets listing the files actually under each target
-    (sizes and digests computed); entries with no file are left out. Used for the tiny twins,
-    whose file sets differ from the production ones. A file the template lists belongs to that
-    entry; any other file to the entry with the deepest target holding it (the first such entry
-    when several share a target)."""
-    root = Path(root)
-    owner: dict[Path, str] = {}
-    for entry, f in template.items():
-        p = root / entry.target / f.path
-        if p.is_file() and not p.is_symlink():
-            owner[p] = entry.name
-    by_depth = sorted(template.weights, key=lambda e: -len(PurePosixPath(e.target).parts))
-    for entry in by_depth:
-        base = root / entry.target
-        if base.is_dir():
-            for p in sorted(base.rglob("*")):
-                if p.is_file() and not p.is_symlink() and not p.name.endswith(".part"):
-                    owner.setdefault(p, entry.name)
-    entries = []
-    for entry in template.weights:
-        base = root / entry.target
-        files = [LockFile(p.relative_to(base).as_posix(), p.stat().st_size, sha256_file(p))
-                 for p, name in sorted(owner.items()) if name == entry.name]
-        if files:
-            entries.append(replace(entry, files=files))
-    return Lock(entries)
-
-
 # ---------------------------------------------------------------------------- CLI
-
-
-def _tiny(directory: Path, lock_path: Path) -> Path:
-    from pipeline.twins import write_tiny_weights  # lazy: needs torch, diffusers, ...
-
-    write_tiny_weights(directory)
-    tiny = lock_from_tree(directory, load_lock(lock_path))
-    out = directory / TINY_LOCK_NAME
-    save_lock(tiny, out)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "tiny":
-            out = _tiny(args.directory, args.lock)
+            from pipeline.twins import write_tiny_weights  # lazy: needs torch, diffusers, ...
+            from pipeline.twins.lock import write_tiny_lock
+
+            write_tiny_weights(args.directory)
+            out = write_tiny_lock(args.directory, load_lock(args.lock))
             print(f"tiny twins written under {args.directory}; lock: {out}")
             return 0
         from pipeline import weights_fetch

@@ -16,11 +16,11 @@ import pytest
 from pipeline import weights_fetch
 from pipeline.errors import WeightsMissing
 from pipeline.layout import PROJECT_ROOT, Layout
+from pipeline.twins.lock import lock_from_tree
 from pipeline.weights import (
     DEFAULT_LOCK,
     LockFormatError,
     load_lock,
-    lock_from_tree,
     main,
     parse_lock,
     save_lock,
