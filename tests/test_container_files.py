@@ -151,6 +151,85 @@ def requirement_pins() -> dict[str, str]:
     return pins
 
 
+def pins_from_lines(text: str) -> dict[str, str]:
+    """`name==version` lines (requirements.txt, constraints.txt) as {normalised name: version}."""
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.strip()
+    return pins
+
+
+def cog_run_commands(config: dict) -> list[str]:
+    return [item if isinstance(item, str) else item["command"] for item in config["build"]["run"]]
+
+
+def cog_check_step(config: dict) -> str:
+    """The `build.run` command holding cog.yaml's build-time checks ('' when there is none)."""
+    steps = [c for c in cog_run_commands(config) if "CUDAExecutionProvider" in c]
+    return steps[0] if len(steps) == 1 else ""
+
+
+def without_local(version: str | None) -> str | None:
+    """`2.11.0+cu128` -> `2.11.0` (PEP 440 local label dropped)."""
+    return None if version is None else str(version).split("+", 1)[0]
+
+
+def torch_pin_mismatches(requirements: str, constraints: str, dockerfile: str, cog_yaml: str,
+                         installed: dict[str, str]) -> list[str]:
+    """Every place naming the torch/torchvision version, checked against requirements.txt's pin.
+
+    The texts of requirements.txt, constraints.txt, Dockerfile.runpod and cog.yaml, and the
+    versions the running interpreter imports (`torch.__version__`); returns what disagrees,
+    [] when the tests, the constraints and both images have one torch.
+    """
+    problems = []
+    pins, held = pins_from_lines(requirements), pins_from_lines(constraints)
+    args: dict[str, str] = {}
+    for instruction in parse_dockerfile(dockerfile):
+        if instruction.keyword == "ARG":
+            args.update(env_pairs(instruction.args))
+    config = yaml.safe_load(cog_yaml)
+    check = cog_check_step(config)
+    torch_cuda = args.get("TORCH_CUDA")
+    for name, arg in (("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")):
+        pin = pins.get(name)
+        if pin is None:
+            problems.append(f"requirements.txt pins no {name}")
+            continue
+        asserted = re.findall(rf"\b{name}\.__version__ == '([^']*)'", check)
+        if len(asserted) != 1:
+            problems.append(f"cog.yaml's build-time check asserts no single {name}.__version__")
+        elif asserted[0].partition("+")[2] != torch_cuda:
+            problems.append(f"cog.yaml's check expects {name} {asserted[0]}, Dockerfile.runpod "
+                            f"installs the {torch_cuda} build")
+        places = {
+            "constraints.txt": held.get(name),
+            f"Dockerfile.runpod ARG {arg}": args.get(arg),
+            "cog.yaml's build-time check": without_local(asserted[0]) if asserted else None,
+            "the interpreter running the tests": without_local(installed.get(name)),
+        }
+        for place, version in places.items():
+            if version != pin:
+                problems.append(f"{place}: {name} {version}, requirements.txt pins {pin}")
+    # Neither image may override the pin: cog.yaml installs torch only through requirements.txt.
+    for command in cog_run_commands(config):
+        for part in command.split("&&"):
+            words = shlex.split(part)
+            if "install" in words and [w for w in words if re.match(r"torch(vision)?\b", w)]:
+                problems.append(f"cog.yaml build.run overrides the torch pin: {part.strip()}")
+    return problems
+
+
+def installed_torch() -> dict[str, str]:
+    import torch
+    import torchvision
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)}
+
+
 def run_hadolint(dockerfile: Path, workdir: Path) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
         "hadolint")
@@ -268,18 +347,22 @@ def test_gpu_stack_is_pinned_and_shared_with_cog(instructions, final_stage, arg_
     pins = requirement_pins()
     if "llama-cpp-python" in pins:
         assert arg_defaults["LLAMA_CPP_PYTHON_VERSION"] == pins["llama-cpp-python"]
-    torch = f"torch=={arg_defaults['TORCH_VERSION']}+{arg_defaults['TORCH_CUDA']}"
-    vision = f"torchvision=={arg_defaults['TORCHVISION_VERSION']}+{arg_defaults['TORCH_CUDA']}"
     ort = f"onnxruntime-gpu=={arg_defaults['ONNXRUNTIME_GPU_VERSION']}"
     deps = " ".join(i.args for i in final_stage if i.keyword == "RUN")
     assert 'https://download.pytorch.org/whl/${TORCH_CUDA}' in deps
     assert "uv pip uninstall onnxruntime" in deps and '"onnxruntime-gpu==${ONNX' in deps
-    cog_run = " ".join(item if isinstance(item, str) else item["command"]
-                       for item in cog_config["build"]["run"])
-    for pin in (torch, vision, ort):
-        assert pin in cog_run, f"cog.yaml must install {pin} like Dockerfile.runpod"
-    assert f"whl/{arg_defaults['TORCH_CUDA']}" in cog_run
+    # A --build-arg TORCH_VERSION other than requirements.txt's pin fails the build.
+    for arg, package in (("TORCH_VERSION", "torch"), ("TORCHVISION_VERSION", "torchvision")):
+        assert f'grep -qxF "{package}==${{{arg}}}" /tmp/deps/requirements.txt' in deps
+        assert f"{package}.__version__ == '${{{arg}}}+${{TORCH_CUDA}}'" in deps
+    cog_run = " ".join(cog_run_commands(cog_config))
+    assert ort in cog_run, f"cog.yaml must install {ort} like Dockerfile.runpod"
     assert "pip uninstall --break-system-packages onnxruntime &&" in cog_run
+    # Cog maps requirements.txt's torch line to this CUDA's index; the check holds it to it.
+    digits = arg_defaults["TORCH_CUDA"].removeprefix("cu")
+    cuda = f"{digits[:-1]}.{digits[-1]}"
+    assert cuda == cog_config["build"]["cuda"]
+    assert f"torch.version.cuda == '{cuda}'" in cog_check_step(cog_config)
 
 
 def test_cog_yaml(cog_config):
@@ -304,6 +387,106 @@ def test_cog_yaml(cog_config):
                 packages = [w for w in words[words.index("install") + 1:]
                             if not w.startswith("-") and not w.startswith("https://")]
                 assert packages and all("==" in p for p in packages), f"unpinned: {part}"
+
+
+def python_snippets(command: str) -> list[str]:
+    """The code of each `python -c "..."` in a shell command."""
+    return re.findall(r'python -c "([^"]*)"', command)
+
+
+def test_cog_yaml_checks_the_gpu_stack_at_build_time(cog_config):
+    steps = cog_run_commands(cog_config)
+    check = cog_check_step(cog_config)
+    assert check, "cog.yaml needs one build.run step with the build-time checks"
+    assert steps[-1] == check, "the checks run after every install"
+    snippets = python_snippets(check)
+    assert len(snippets) == 1
+    compile(snippets[0], "cog.yaml build-time check", "exec")
+    for expected in (f"torch.version.cuda == '{cog_config['build']['cuda']}'",
+                     "'CUDAExecutionProvider' in onnxruntime.get_available_providers()",
+                     "find_spec('llama_cpp')", "(lib / 'libggml-cuda.so').is_file()",
+                     "md.distributions()", "assert not cu13"):
+        assert expected in snippets[0], f"cog.yaml's check lacks `{expected}`"
+
+
+def cuda13_condition(command: str) -> str:
+    """The `if ...` filter over (name `n`, version `v`) of the distributions a step lists."""
+    found = re.findall(r' for d in md\.distributions\(\)\) if (.+?)(?:\); assert not cu13|\)\)\)")',
+                       command)
+    assert len(found) == 1, command
+    return found[0]
+
+
+def test_cog_yaml_removes_and_refuses_cuda13_wheels(cog_config, arg_defaults):
+    steps = cog_run_commands(cog_config)
+    removal = [s for s in steps if "uv pip uninstall" in s and "md.distributions()" in s]
+    assert len(removal) == 1, "cog.yaml must uninstall leftover CUDA 13 wheels"
+    assert steps.index(removal[0]) < steps.index(cog_check_step(cog_config))
+    for snippet in python_snippets(removal[0]):
+        compile(snippet, "cog.yaml CUDA 13 removal", "exec")
+    condition = cuda13_condition(cog_check_step(cog_config))
+    assert cuda13_condition(removal[0]) == condition, "the removal and the check must agree"
+    assert f"re.fullmatch(r'{arg_defaults['TORCH_CUDA_WHEELS']}', n)" in condition
+
+    def is_cuda13(name: str, version: str) -> bool:
+        return bool(eval(condition, {"re": re}, {"n": name, "v": version}))
+
+    # Every CUDA 13 wheel PyPI's torch pulls (constraints.txt holds them) is caught...
+    held = pins_from_lines((ROOT / "constraints.txt").read_text())
+    cuda_wheels = {n: v for n, v in held.items() if n.startswith(("nvidia-", "cuda-"))}
+    keep = {"nvidia-ml-py", "cuda-pathfinder"}  # NVML bindings (ultralytics), a path finder
+    assert {n for n, v in cuda_wheels.items() if is_cuda13(n, v)} == set(cuda_wheels) - keep
+    for name in ("nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-nccl-cu13"):
+        assert is_cuda13(name, "13.0.0")
+    assert is_cuda13("cuda-toolkit", "13.0.2") and is_cuda13("cuda-bindings", "13.0.3")
+    # ... and nothing torch+cu128 needs.
+    for name, version in (("nvidia-cudnn-cu12", "9.10.2.21"), ("nvidia-cublas-cu12", "12.8.4.1"),
+                          ("nvidia-nvshmem-cu12", "3.3.20"), ("cuda-bindings", "12.9.4"),
+                          ("cuda-toolkit", "12.8.1"), ("nvidia-ml-py", "13.615.71"),
+                          ("torch", "2.11.0"), ("triton", "3.6.0")):
+        assert not is_cuda13(name, version), name
+
+
+def pin_texts() -> dict[str, str]:
+    return {name: (ROOT / name).read_text()
+            for name in ("requirements.txt", "constraints.txt", "Dockerfile.runpod", "cog.yaml")}
+
+
+def test_one_torch_for_the_tests_and_both_images():
+    """requirements.txt's torch/torchvision are what constraints.txt holds, what both images
+    install and check, and what this test run imports: CI tests the torch the images ship."""
+    texts = pin_texts()
+    assert torch_pin_mismatches(*texts.values(), installed_torch()) == []
+
+
+@pytest.mark.parametrize(("file", "pattern", "replacement"), [
+    ("requirements.txt", r"^torch==\S+$", "torch==2.14.1"),
+    ("requirements.txt", r"^torchvision==\S+$", "torchvision==0.29.1"),
+    ("requirements.txt", r"^torch==\S+\n", ""),
+    ("constraints.txt", r"^torch==\S+$", "torch==2.14.1"),
+    ("constraints.txt", r"^torchvision==\S+$", "torchvision==0.29.1"),
+    ("Dockerfile.runpod", r"^ARG TORCH_VERSION=\S+$", "ARG TORCH_VERSION=2.14.1"),
+    ("Dockerfile.runpod", r"^ARG TORCHVISION_VERSION=\S+$", "ARG TORCHVISION_VERSION=0.29.1"),
+    ("cog.yaml", r"torch\.__version__ == '[^'+]+", "torch.__version__ == '2.14.1"),
+    ("cog.yaml", r"torchvision\.__version__ == '[^'+]+", "torchvision.__version__ == '0.29.1"),
+    ("cog.yaml", r"(torch\.__version__ == '[^']+)\+cu\d+'", r"\1+cu126'"),
+    ("cog.yaml", r"assert torch\.__version__ == '[^']+', torch\.__version__; ", ""),
+    ("cog.yaml", r"^  run:\n", ("  run:\n    - uv pip install --index-url "
+                                 "https://download.pytorch.org/whl/cu128 torch==2.11.0+cu128\n")),
+    ("installed", "torch", "2.14.1"),
+    ("installed", "torchvision", "0.29.1+cu130"),
+], ids=["requirements-torch", "requirements-torchvision", "requirements-no-torch",
+        "constraints-torch", "constraints-torchvision", "dockerfile-torch", "dockerfile-torchvision",
+        "cog-check-torch", "cog-check-torchvision", "cog-check-cuda", "cog-check-no-torch",
+        "cog-overrides-torch", "venv-torch", "venv-torchvision"])
+def test_torch_pin_mismatch_fails(file, pattern, replacement):
+    texts, installed = pin_texts(), installed_torch()
+    if file == "installed":
+        installed[pattern] = replacement
+    else:
+        texts[file], count = re.subn(pattern, replacement, texts[file], flags=re.MULTILINE)
+        assert count == 1, f"{pattern!r} no longer matches {file}: update this test"
+    assert torch_pin_mismatches(*texts.values(), installed)
 
 
 def test_runtime_requirements_are_pinned():
