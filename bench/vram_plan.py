@@ -24,6 +24,7 @@ import torch
 
 from bench import fullsize
 from bench.memtrack import activation_peak
+from pipeline.faces import ORT_GPU_MEM_LIMITS
 
 GIB = 1024**3
 F16, F32 = 2, 4
@@ -78,9 +79,10 @@ def weights(models: dict[str, torch.nn.Module]) -> list[Part]:
         Part("SAM ViT-B (fp32, as pipeline.faces loads it)", sam, sam * F32),
         Part("YOLOv8m-face (fp32, ultralytics default)", models["yolo_params"], models[
             "yolo_params"] * F32),
-        Part("InsightFace antelopev2 + buffalo_l (onnxruntime, CPU build)", 0, 0,
-             "CPU: requirements pin the CPU onnxruntime; onnxruntime-gpu would add ~0.45 GB "
-             "of weights plus its arena"),
+        Part("InsightFace SCRFD + glintr100 + w600k_r50 (onnxruntime-gpu, capped arenas)", 0,
+             sum(ORT_GPU_MEM_LIMITS.values()),
+             "the three sessions' gpu_mem_limit caps (pipeline.faces.ORT_GPU_MEM_LIMITS): "
+             "0.45 GB of fp32 weights plus activations"),
         Part("face picker: Qwen2.5-VL-3B Q4_K_M + mmproj f16 + buffers (llama.cpp)", 0,
              PICKER_BYTES, "docs/picker.md (estimate, outside torch)"),
         Part("CUDA context, cuBLAS/cuDNN handles", 0, CUDA_CONTEXT_BYTES,

@@ -38,6 +38,10 @@ class WeightsMissing(PipelineError):
     """Model files are absent, truncated or do not match the lock."""
 
 
+class ProviderUnavailable(PipelineError):
+    """A model meant for the GPU would run elsewhere (a runtime's GPU provider did not start)."""
+
+
 class OutputTooLarge(InvalidInput):
     """The encoded response would exceed the transport's size limit."""
 

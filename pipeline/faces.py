@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.errors import InvalidInput, shorten
+from pipeline.errors import InvalidInput, ProviderUnavailable, shorten
 from pipeline.layout import Layout
 from pipeline.segment import load_sam, sam_embed
 
@@ -51,6 +51,13 @@ ALIGNED_CROP_SIZE = 224  # aligned face crop for the CLIP image encoder (IP-Adap
 KEYPOINT_FRACTIONS = ((0.3419, 0.4616), (0.6565, 0.4598), (0.5002, 0.6405),
                       (0.3710, 0.8247), (0.6315, 0.8232))
 INSIGHTFACE_MODULES = ["detection", "recognition"]
+# onnxruntime's CUDA arena per session, capped so the VRAM plan can book it (docs/performance.md):
+# each cap holds the model's fp32 weights (SCRFD 17 MB, glintr100 261 MB, w600k_r50 174 MB) plus
+# its activations at DET_SIZE / 112 px. kSameAsRequested: grow by what is asked, not by doubling.
+ORT_GPU_MEM_LIMITS = {"scrfd_10g_bnkps.onnx": 384 * 2**20, "glintr100.onnx": 384 * 2**20,
+                      "w600k_r50.onnx": 320 * 2**20}
+ORT_CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested",
+                    "cudnn_conv_use_max_workspace": "0"}
 ANTELOPE_NEEDS = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 BUFFALO_RECOGNIZER = "w600k_r50.onnx"
 
@@ -146,23 +153,69 @@ def load_face_models(layout: Layout, device: torch.device | str = "cpu") -> Face
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else [
-        "CPUExecutionProvider"]
-    available = onnxruntime.get_available_providers()
-    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    if providers != wanted:
-        log.warning("onnxruntime lacks %s: InsightFace runs on %s",
-                    sorted(set(wanted) - set(providers)), providers)
-    ctx_id = (device.index or 0) if "CUDAExecutionProvider" in providers else -1
+    if cuda and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        raise ProviderUnavailable(
+            f"InsightFace on {device}: this onnxruntime has no CUDAExecutionProvider (providers: "
+            f"{onnxruntime.get_available_providers()}); install onnxruntime-gpu, or set "
+            "PIPELINE_DEVICE=cpu to run every model on the CPU")
+    ctx_id = (device.index or 0) if cuda else -1
     # A folder path as `name` makes FaceAnalysis read it as is (no model-hub lookup).
     analysis = FaceAnalysis(name=str(layout.antelopev2), root=str(layout.insightface_root),
-                            allowed_modules=INSIGHTFACE_MODULES, providers=providers)
+                            allowed_modules=INSIGHTFACE_MODULES,
+                            providers=ort_providers(device, ANTELOPE_NEEDS[0]))
     analysis.prepare(ctx_id=ctx_id, det_thresh=DET_THRESHOLD, det_size=DET_SIZE)
-    scorer = get_model(str(layout.buffalo_l / BUFFALO_RECOGNIZER), providers=providers)
+    scorer_file = layout.buffalo_l / BUFFALO_RECOGNIZER
+    scorer = get_model(str(scorer_file), providers=ort_providers(device, BUFFALO_RECOGNIZER))
     scorer.prepare(ctx_id=ctx_id)
+    sessions = {Path(model.model_file).name: model.session
+                for model in analysis.models.values()}
+    sessions[scorer_file.name] = scorer.session
+    check_sessions(sessions, device)
     yolo = YOLO(str(layout.yolo_face), task="detect")
     return FaceModels(analysis=analysis, scorer=scorer, yolo=yolo,
                       sam=load_sam(layout.sam_vit_b, device), device=device)
+
+
+def ort_providers(device: torch.device, model_file: str) -> list[Any]:
+    """onnxruntime providers for one InsightFace model: CUDA with its capped arena (then the
+    CPU, which onnxruntime needs for a few host-side ops) on a CUDA device, else the CPU."""
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    limit = ORT_GPU_MEM_LIMITS.get(model_file, max(ORT_GPU_MEM_LIMITS.values()))
+    options = {"device_id": device.index or 0, "gpu_mem_limit": limit, **ORT_CUDA_OPTIONS}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+def check_sessions(sessions: dict[str, Any], device: torch.device) -> None:
+    """Fail when a session meant for the GPU runs on the CPU. onnxruntime falls back to the CPU
+    when the CUDA provider cannot start (missing cuDNN, wrong CUDA) and still lists it as
+    available; insightface hides the warning. `get_providers()` tells the truth."""
+    if device.type != "cuda":
+        return
+    fallen = {name: session for name, session in sessions.items()
+              if "CUDAExecutionProvider" not in session.get_providers()}
+    if fallen:
+        first = next(iter(fallen.values()))
+        raise ProviderUnavailable(
+            f"InsightFace model(s) {', '.join(sorted(fallen))} fell back to "
+            f"{first.get_providers()} on {device}: onnxruntime's CUDAExecutionProvider did not "
+            f"start ({_cuda_provider_error(first)}); set PIPELINE_DEVICE=cpu to run every model "
+            "on the CPU instead")
+
+
+def _cuda_provider_error(session: Any) -> str:
+    """Why CUDA did not start for `session`'s model: a CUDA-only session with CPU fallback off
+    raises onnxruntime's own message."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:
+        onnxruntime.InferenceSession(session._model_path, options,
+                                     providers=["CUDAExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - only its message is wanted
+        return f"{type(error).__name__}: {shorten(str(error), 300)}"
+    return "unknown cause"
 
 
 # ------------------------------------------------------------------------------- detection

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import NoFaceFound, shorten
+from pipeline.errors import NoFaceFound, WeightsMissing, shorten
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -261,13 +261,20 @@ class FacePicker:
     @classmethod
     def load(cls, layout: Layout, *, n_gpu_layers: int = -1, n_threads: int | None = None,
              timeout_s: float = DEFAULT_TIMEOUT_S, temperature: float = 0.0,
-             max_side: int = MAX_SIDE) -> FacePicker:
+             max_side: int = MAX_SIDE, required: bool = False) -> FacePicker:
         """Load the model now and run one tiny image through it (which also sets up the vision
-        projector and reserves its buffers). Never raises for a bad model: the picker then
-        answers every pick with the largest face and says why."""
+        projector and reserves its buffers). `required` (on a GPU host): a model or projector
+        that does not load or warm up raises WeightsMissing naming both files, so the worker
+        never starts with every description silently falling back. Otherwise the picker answers
+        every pick with the largest face and says why."""
         picker = cls(lambda: open_llama(layout, n_gpu_layers=n_gpu_layers, n_threads=n_threads),
                      timeout_s=timeout_s, temperature=temperature, max_side=max_side)
         picker.warm_up()
+        if required and picker.error is not None:
+            picker.close()
+            raise WeightsMissing(
+                f"face picker model {layout.picker_model} with projector {layout.picker_mmproj} "
+                f"did not load or warm up: {picker.error}")
         return picker
 
     def warm_up(self) -> None:

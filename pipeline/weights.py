@@ -45,11 +45,24 @@ class LockFormatError(ValueError):
     """`weights.lock` breaks its format; the message names the key, the rule and the value."""
 
 
+# A Hugging Face file URL prefix: <origin>/<owner>/<repo>/resolve/<revision>[/<folder>].
+HF_RESOLVE = re.compile(r"(?P<origin>https?://[^/]+)/(?P<repo>[^/]+/[^/]+)/resolve/"
+                        r"(?P<revision>[^/]+)(?P<folder>/.*)?")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 @dataclass(frozen=True)
 class LockSource:
     """Where an entry's files come from: ``<uri>/<file path>``."""
 
     uri: str
+
+    @property
+    def revision_pinned(self) -> bool:
+        """False for a Hugging Face URL at a branch or tag (`main`): its bytes can change under
+        the same URL. Other URLs (mirrors, test servers) have no revision to pin."""
+        match = HF_RESOLVE.fullmatch(self.uri.rstrip("/"))
+        return match is None or COMMIT.fullmatch(match["revision"]) is not None
 
 
 @dataclass(frozen=True)

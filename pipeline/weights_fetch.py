@@ -33,9 +33,12 @@ import requests
 
 from pipeline.errors import WeightsMissing
 from pipeline.weights import (
+    COMMIT,
+    HF_RESOLVE,
     Lock,
     LockFile,
     LockFormatError,
+    LockSource,
     WeightEntry,
     check_file,
     destination,
@@ -216,6 +219,8 @@ def fetch(root: Path | str, lock: Lock, *, token: str | None = None, workers: in
     naming every file that failed."""
     root = Path(root)
     unpinned = [f"unpinned: {e.target}/{f.path}" for e, f in lock.items() if not f.pinned]
+    unpinned += [f"revision not a commit: {e.name} ({s.uri})" for e in lock.weights
+                 for s in e.sources if not s.revision_pinned]
     if unpinned and not allow_unpinned:  # fail before downloading gigabytes for nothing
         raise WeightsMissing(f"{len(unpinned)} file(s) of the lock have no size and/or digest "
                              "(run `python -m pipeline.weights lock`, or pass --allow-unpinned): "
@@ -252,16 +257,40 @@ def _measure(session: requests.Session, url: str, token: str | None,
     return size, "sha256:" + h.hexdigest()
 
 
+def _pin_revision(session: requests.Session, source: LockSource, token: str | None,
+                  timeout: float) -> LockSource:
+    """`source` at the commit its branch or tag points to now (Hugging Face's
+    `/api/models/<repo>/revision/<rev>` answers it as `sha`)."""
+    if source.revision_pinned:
+        return source
+    match = HF_RESOLVE.fullmatch(source.uri.rstrip("/"))
+    api = f"{match['origin']}/api/models/{match['repo']}/revision/{match['revision']}"
+    resp = _open(session, api, {"User-Agent": USER_AGENT, "Accept": "application/json"}, token,
+                 timeout)
+    with resp:
+        if resp.status_code != 200:
+            raise FetchError(f"{api}: HTTP {resp.status_code}", retry=resp.status_code >= 500)
+        sha = str(resp.json().get("sha", ""))
+    if not COMMIT.fullmatch(sha):
+        raise FetchError(f"{api}: no commit sha in the answer (got {sha!r})", retry=False)
+    pinned = (f"{match['origin']}/{match['repo']}/resolve/{sha}{match['folder'] or ''}")
+    log.info("pinned %s -> %s", source.uri, pinned)
+    return LockSource(pinned)
+
+
 def lock_fill(lock_path: Path | str, *, token: str | None = None, timeout: float = 60.0) -> int:
-    """Fill every null size/digest of the lock by streaming the file through sha256 (nothing is
-    written but the lock); a value already in the lock must match. Returns how many file records
-    changed. Run it on a machine with network access, then review and commit the lock."""
+    """Pin every source at a branch or tag (`main`) to its current commit, then fill every null
+    size/digest of the lock by streaming the file through sha256 (nothing is written but the
+    lock); a value already in the lock must match. Returns how many file records changed. Run
+    it on a machine with network access, then review and commit the lock."""
     lock_path = Path(lock_path)
     lock = load_lock(lock_path)
     token = resolve_token(token)
     changed, mismatches, entries = 0, [], []
     with requests.Session() as session:
         for entry in lock.weights:
+            entry = replace(entry, sources=[_pin_revision(session, s, token, timeout)
+                                            for s in entry.sources])
             files = []
             for f in entry.files:
                 if f.pinned:

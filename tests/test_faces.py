@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline import faces as F
 from pipeline import segment as S
-from pipeline.errors import InvalidInput, WeightsMissing
+from pipeline.errors import InvalidInput, ProviderUnavailable, WeightsMissing
 from pipeline.layout import Layout
 from pipeline.twins.faces import TWIN_SAM, write_face_twins
 from tests.face_images import draw_face_marker, marker_scene, noise_image
@@ -380,3 +380,27 @@ def test_no_network_attempt(written, monkeypatch):
     F.face_mask(fresh, image, target[0].box)
     F.identity_similarity(fresh, reference[0], image, target[0].box)
     assert attempts == []
+
+
+def test_cpu_fallback_of_a_gpu_session_fails_naming_the_model(models):
+    """onnxruntime falls back to the CPU when CUDA cannot start and insightface hides it: on a
+    CUDA device, a session whose providers lack CUDA stops setup() naming the model."""
+    sessions = {Path(m.model_file).name: m.session for m in models.analysis.models.values()}
+    sessions[F.BUFFALO_RECOGNIZER] = models.scorer.session
+    assert set(sessions) == {"scrfd_10g_bnkps.onnx", "glintr100.onnx", "w600k_r50.onnx"}
+    F.check_sessions(sessions, torch.device("cpu"))  # on the CPU, the CPU is right
+    with pytest.raises(ProviderUnavailable) as caught:
+        F.check_sessions(sessions, torch.device("cuda"))
+    message = str(caught.value)
+    assert "scrfd_10g_bnkps.onnx" in message and "CPUExecutionProvider" in message
+    assert "CUDAExecutionProvider did not start" in message and "PIPELINE_DEVICE=cpu" in message
+
+
+def test_gpu_sessions_get_a_capped_arena():
+    providers = F.ort_providers(torch.device("cuda", 1), "glintr100.onnx")
+    name, options = providers[0]
+    assert name == "CUDAExecutionProvider" and providers[1] == "CPUExecutionProvider"
+    assert options["device_id"] == 1
+    assert options["gpu_mem_limit"] == F.ORT_GPU_MEM_LIMITS["glintr100.onnx"] == 384 * 2**20
+    assert options["arena_extend_strategy"] == "kSameAsRequested"
+    assert F.ort_providers(torch.device("cpu"), "glintr100.onnx") == ["CPUExecutionProvider"]

@@ -13,7 +13,7 @@ import pytest
 from gguf import GGUFReader
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import NoFaceFound
+from pipeline.errors import NoFaceFound, WeightsMissing
 from pipeline.layout import Layout
 from pipeline.picker import (
     MAX_CANDIDATES,
@@ -225,6 +225,18 @@ def test_broken_model_file_falls_back_to_the_largest_face(tmp_path, layout, grou
         assert picker.loads == (0 if which == "model" else 1)
     finally:
         picker.close()
+
+
+@pytest.mark.parametrize("which", ["model", "mmproj"])
+def test_required_picker_fails_setup_naming_the_files(tmp_path, layout, which):
+    """On a GPU host (`required`) a model or projector that cannot load stops setup() instead of
+    every description silently falling back to the largest face."""
+    broken = broken_layout(tmp_path, layout, which)
+    with pytest.raises(WeightsMissing) as caught:
+        FacePicker.load(broken, n_threads=2, required=True)
+    message = str(caught.value)
+    assert str(broken.picker_model) in message and str(broken.picker_mmproj) in message
+    assert ("model load error" if which == "model" else "warm-up failed") in message
 
 
 def test_answers_outside_the_labels_are_failures():
