@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)  # pipeline/ sits next to this file; run from anywhere
 
 from benchmark_clients import POLL_BACKOFF, POLL_MAX_S, CloudClient, JobFailed, LocalClient
+from benchmark_jobs import Job
 from benchmark_report import (
     contact_sheet,
     optional_module,
@@ -56,37 +56,6 @@ request i gets modes[i % len(modes)] and resolutions[(i // len(modes)) % len(res
 environment: RUNPOD_API_KEY (cloud API only; never printed or saved), RUNPOD_ENDPOINT_ID.
 exit status: 0 when every job succeeded, 1 when any failed, 2 on bad arguments, 130 on Ctrl-C.
 """
-
-
-@dataclass
-class Job:
-    """One request of the run and everything measured about it (a row of report.json)."""
-
-    index: int
-    mode: str
-    resolution: str
-    width: int
-    height: int
-    seed: int
-    payload: dict[str, Any]
-    cold_start: bool = False
-    job_id: str | None = None
-    status: str = "NOT_RUN"
-    error: str | None = None
-    client_seconds: float | None = None
-    delay_time_ms: float | None = None
-    execution_time_ms: float | None = None
-    timings: dict[str, float] | None = None
-    output: dict[str, Any] | None = None  # the server's output, image_base64 left out
-    image_file: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "COMPLETED" and self.error is None and self.image_file is not None
-
-    def describe(self) -> str:
-        outcome = f"{self.client_seconds:.2f} s" if self.ok else f"{self.status}: {self.error}"
-        return f"{self.index:03d} {self.mode} {self.resolution}: {outcome}"
 
 
 def _text(value: Any) -> str:

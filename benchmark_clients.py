@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 
-if TYPE_CHECKING:
-    from benchmark import Job
+from benchmark_jobs import Job
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
 RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}  # transient: retried until the job's deadline

@@ -13,11 +13,10 @@ import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-if TYPE_CHECKING:
-    from benchmark import Job
+from benchmark_jobs import Job
 
 TILE, LABEL_H, SHEET_COLUMNS = 256, 18, 5  # contact sheet: tile and label pixels, tiles per row
 

@@ -38,8 +38,29 @@ class WeightsMissing(PipelineError):
     """Model files are absent, truncated or do not match the lock."""
 
 
+class LockFormatError(PipelineError, ValueError):
+    """`weights.lock` breaks its format; the message names the key, the rule and the value."""
+
+
+class FetchError(PipelineError):
+    """One download attempt failed; `retry` says whether trying the same source again helps."""
+
+    def __init__(self, message: str, *, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+class PickerFailure(PipelineError, RuntimeError):
+    """Why the face picker's model could not answer; `pick` turns it into a largest-face
+    fallback, so it never leaves `pipeline.picker`."""
+
+
 class ProviderUnavailable(PipelineError):
     """A model meant for the GPU would run elsewhere (a runtime's GPU provider did not start)."""
+
+
+class SettingsError(PipelineError, ValueError):
+    """An environment setting is invalid; names the variable, the rule and the value."""
 
 
 class OutputTooLarge(InvalidInput):

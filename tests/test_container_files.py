@@ -507,7 +507,7 @@ def test_runtime_requirements_are_pinned():
     ("Dockerfile.runpod.dockerignore",
      [".git/HEAD", ".venv/bin/python", "weights/sam/sam_vit_b_01ec64.pth", ".tiny-weights/a",
       "x.part", ".cog/openapi_schema.json", "tests/conftest.py", "outputs/a.png"],
-     ["weights.lock", "pipeline/weights.py", "pipeline/layout.py", "requirements.txt",
+     ["weights.lock", "pipeline/weights/lock.py", "pipeline/layout.py", "requirements.txt",
       "constraints.txt", "predict.py", "runpod_adapter.py", "test_input.json"]),
 ])
 def test_build_context(ignore_file, excluded, included):
@@ -533,4 +533,5 @@ def test_dockerfile_inputs_exist_and_reach_the_context(instructions):
             continue
         assert (ROOT / source).exists(), f"Dockerfile.runpod needs {source}, missing from repo"
         assert not is_ignored(rules, source.rstrip("/")), f"{source} is excluded from the context"
-    assert (ROOT / "pipeline" / "weights.py").is_file(), "the build runs `python -m pipeline.weights`"
+    assert (ROOT / "pipeline" / "weights" / "__main__.py").is_file(), \
+        "the build runs `python -m pipeline.weights`"

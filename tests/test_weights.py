@@ -1,6 +1,6 @@
-"""`weights.lock` and `pipeline.weights`: format, verify, fetch (against real HTTP servers on
-loopback: ranges, retries, redirects, tokens), lock filling, trees, the CLI, and the repo's lock
-itself (every SPEC model, every Layout path, pinned Hugging Face sources)."""
+"""`weights.lock` and `pipeline.weights` (lock, fetch, __main__): format, verify, fetch (against
+real HTTP servers on loopback: ranges, retries, redirects, tokens), lock filling, trees, the CLI,
+and the repo's lock itself (every SPEC model, every Layout path, pinned Hugging Face sources)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import weights_fetch
-from pipeline.errors import WeightsMissing
+from pipeline.errors import LockFormatError, WeightsMissing
 from pipeline.layout import PROJECT_ROOT, Layout
 from pipeline.twins.lock import lock_from_tree
-from pipeline.weights import (
+from pipeline.weights import fetch as weights_fetch
+from pipeline.weights.__main__ import main
+from pipeline.weights.lock import (
     DEFAULT_LOCK,
-    LockFormatError,
     load_lock,
-    main,
     parse_lock,
     save_lock,
     verify,

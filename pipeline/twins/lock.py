@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
-from pipeline.weights import Lock, LockFile, save_lock, sha256_file
+from pipeline.weights.lock import Lock, LockFile, save_lock, sha256_file
 
 TINY_LOCK_NAME = "weights.tiny.lock"
 

@@ -1,9 +1,9 @@
 """Downloading what `weights.lock` pins: parallel, resumable, retried, verified, atomic.
 
 Every file is downloaded to ``<file>.part`` under the weights root (never outside it: lock paths
-are checked by `pipeline.weights.destination`). When a ``.part`` already exists the request asks
-for the rest with an HTTP ``Range``; a ``206`` answer is appended, a ``200`` (the server ignored
-the range) restarts the file. Connection errors, ``429`` and ``5xx`` answers are retried with
+are checked by `pipeline.weights.lock.destination`). When a ``.part`` already exists the request
+asks for the rest with an HTTP ``Range``; a ``206`` answer is appended, a ``200`` (the server
+ignored the range) restarts the file. Connection errors, ``429`` and ``5xx`` answers are retried with
 exponential backoff; other errors (``401``/``403`` for a gated file without a token, ``404``)
 move on to the entry's next source, then fail that file. A finished ``.part`` is checked (size,
 then sha256) and only then renamed over the destination, so a file under its real name is
@@ -15,6 +15,8 @@ by ``$HF_TOKEN_FILE`` (a BuildKit secret mount such as ``/run/secrets/hf_token``
 ``Authorization: Bearer`` only to the origin (scheme, host, port) of the URL written in the lock,
 never to the hosts a redirect leads to (Hugging Face redirects downloads to its CDN), and never
 over plain http except to loopback.
+
+Imports `pipeline.weights.lock` (never the reverse) and `requests`; no torch.
 """
 
 from __future__ import annotations
@@ -31,13 +33,12 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from pipeline.errors import WeightsMissing
-from pipeline.weights import (
+from pipeline.errors import FetchError, LockFormatError, WeightsMissing
+from pipeline.weights.lock import (
     COMMIT,
     HF_RESOLVE,
     Lock,
     LockFile,
-    LockFormatError,
     LockSource,
     WeightEntry,
     check_file,
@@ -56,14 +57,6 @@ USER_AGENT = "character-faceswap-weights/0.1"
 MAX_REDIRECTS = 10
 _CHUNK = 1024 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-
-
-class FetchError(Exception):
-    """One download attempt failed; `retry` says whether trying the same source again helps."""
-
-    def __init__(self, message: str, *, retry: bool):
-        super().__init__(message)
-        self.retry = retry
 
 
 def resolve_token(token: str | None = None) -> str | None:

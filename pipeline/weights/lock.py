@@ -1,4 +1,4 @@
-"""`weights.lock`: every model file pinned by source, size and sha256, and the CLI around it.
+"""`weights.lock`: every model file pinned by source, size and sha256 (the leaf of the package).
 
 The lock speaks cog's own weights-lock shape (replicate/cog `pkg/weights/lockfile`):
 ``{"version": 1, "weights": [{"name", "target", "sources": [{"uri"}], "files": [{"path", "size",
@@ -6,30 +6,26 @@ The lock speaks cog's own weights-lock shape (replicate/cog `pkg/weights/lockfil
 folders as `pipeline.layout.Layout`); each file lands at ``<root>/<target>/<path>`` and is
 downloaded from ``<source uri>/<path>`` (later sources are mirrors of the first). An entry may
 also say ``"license"`` and ``"gated": true`` (needs a Hugging Face token at fetch time). A
-``null`` size or digest means "not pinned yet": `lock` fills it in on a machine with network.
+``null`` size or digest means "not pinned yet": `python -m pipeline.weights lock` fills it in on
+a machine with network.
 
-    python -m pipeline.weights fetch DIR [--lock weights.lock]   # download, verify, atomic
-    python -m pipeline.weights verify DIR [--lock PATH]          # size first, then sha256
-    python -m pipeline.weights lock [--lock PATH]                # fill null sizes/digests
-    python -m pipeline.weights tiny DIR                          # tiny twins + weights.tiny.lock
-
-Importable without torch: stdlib here, `requests` in `pipeline.weights_fetch`.
+Here: the format (parse, load, save), the checks (`destination`, `sha256_file`, `problems`,
+`verify`). Standard library only, importable without torch or `requests`; it imports nothing of
+`pipeline.weights` (`fetch` and `__main__` import it, never the other way).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pipeline.errors import WeightsMissing
+from pipeline.errors import LockFormatError, WeightsMissing
 from pipeline.layout import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -39,10 +35,6 @@ DEFAULT_LOCK = PROJECT_ROOT / "weights.lock"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _ENTRY_KEYS = ("name", "target", "license", "gated", "sources", "files")  # canonical order
 _HASH_CHUNK = 8 * 1024 * 1024
-
-
-class LockFormatError(ValueError):
-    """`weights.lock` breaks its format; the message names the key, the rule and the value."""
 
 
 # A Hugging Face file URL prefix: <origin>/<owner>/<repo>/resolve/<revision>[/<folder>].
@@ -328,57 +320,3 @@ def verify(root: Path | str, lock: Lock, *, allow_unpinned: bool = False) -> Non
     root = Path(root)
     raise_problems(root, problems(root, lock, allow_unpinned=allow_unpinned))
     log.info("verified %d file(s) under %s", len(lock.items()), root)
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.weights", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_fetch = sub.add_parser("fetch", help="download every locked file into DIR and verify it")
-    p_verify = sub.add_parser("verify", help="check DIR against the lock (size, then sha256)")
-    p_lock = sub.add_parser("lock", help="fill null sizes/digests by downloading (needs network)")
-    p_tiny = sub.add_parser("tiny", help="write the tiny twins into DIR and DIR/weights.tiny.lock")
-    for p in (p_fetch, p_verify, p_tiny):
-        p.add_argument("directory", type=Path, metavar="DIR")
-    for p in (p_fetch, p_verify, p_lock, p_tiny):
-        p.add_argument("--lock", type=Path, default=DEFAULT_LOCK, help="default: %(default)s")
-    for p in (p_fetch, p_verify):
-        p.add_argument("--allow-unpinned", action="store_true",
-                       help="accept files whose size/digest the lock leaves null")
-    p_fetch.add_argument("--workers", type=int, default=4)
-    p_fetch.add_argument("--retries", type=int, default=3)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "tiny":
-            from pipeline.twins import write_tiny_weights  # lazy: needs torch, diffusers, ...
-            from pipeline.twins.lock import write_tiny_lock
-
-            write_tiny_weights(args.directory)
-            out = write_tiny_lock(args.directory, load_lock(args.lock))
-            print(f"tiny twins written under {args.directory}; lock: {out}")
-            return 0
-        from pipeline import weights_fetch
-
-        lock = load_lock(args.lock)
-        if args.command == "verify":
-            verify(args.directory, lock, allow_unpinned=args.allow_unpinned)
-            print(f"ok: {len(lock.items())} file(s) under {args.directory} match {args.lock}")
-        elif args.command == "fetch":
-            weights_fetch.fetch(args.directory, lock, workers=args.workers, retries=args.retries,
-                                allow_unpinned=args.allow_unpinned)
-            print(f"ok: {len(lock.items())} file(s) fetched and verified under {args.directory}")
-        else:
-            filled = weights_fetch.lock_fill(args.lock)
-            print(f"ok: {filled} file record(s) filled in {args.lock}")
-        return 0
-    except (WeightsMissing, LockFormatError, OSError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
