@@ -76,8 +76,8 @@ def prepare_weights(root: Path | None, smoke: bool) -> Path:
 
 
 def load_models(root: Path, runtime: Any) -> Models:
+    from pipeline.assemble import load_identity_models
     from pipeline.convert import load_converted_text_pipeline
-    from pipeline.identity import IdentityModels
     from pipeline.layout import Layout
     from pipeline.segment import load_sam
 
@@ -88,7 +88,7 @@ def load_models(root: Path, runtime: Any) -> Models:
     seconds["text_pipe"] = t["seconds"]
     with timed() as t:
         # baseline first: the variants apply the switches themselves
-        identity = IdentityModels.load(layout, runtime, text_pipe, speed_switches=False)
+        identity = load_identity_models(layout, runtime, text_pipe)
     seconds["identity"] = t["seconds"]
     with timed() as t:
         sam = load_sam(layout.sam_vit_b, runtime.device)
@@ -123,7 +123,8 @@ def _reference() -> Any:
 
     rng = np.random.default_rng(0)
     crop = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))
-    return ReferenceIdentity(rng.standard_normal(512).astype(np.float32) * 20, crop)
+    return ReferenceIdentity(rng.standard_normal(512).astype(np.float32) * 20, crop,
+                             rng.standard_normal(512).astype(np.float32) * 20)
 
 
 def run_face(models: Models, params: Any, recipe: Any, sam_autocast: bool) -> None:

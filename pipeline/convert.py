@@ -276,14 +276,12 @@ def _config_components(layout: Layout) -> dict[str, Any]:
 
 
 def _single_file_components(layout: Layout, name: str, runtime: Runtime) -> dict[str, Any]:
-    from diffusers import StableDiffusionXLPipeline
+    from pipeline.generate import load_text_pipeline
 
     log.warning("loading %s from its single file (converted at every start): run "
                 "`python -m pipeline.convert "
                 "%s` at build time", name, layout.root)
-    pipe = StableDiffusionXLPipeline.from_single_file(
-        str(checkpoints(layout)[name]), config=str(layout.sdxl_config),
-        local_files_only=True, torch_dtype=runtime.dtype).to(runtime.device)
+    pipe = load_text_pipeline(checkpoints(layout)[name], layout.sdxl_config, runtime)
     return {k: getattr(pipe, k) for k in (*MODEL_COMPONENTS, *CONFIG_COMPONENTS)}
 
 

@@ -20,10 +20,11 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from pipeline import faces as face_ops
-from pipeline.errors import FaceSwapNotApplied, NoFaceFound
+from pipeline.errors import FaceSwapNotApplied, InvalidInput, NoFaceFound
 from pipeline.generate import GenerationParams
 from pipeline.identity import IdentityModels, ReferenceIdentity
 from pipeline.image_input import load_reference_image
+from pipeline.instantid import RefineRecipe
 from pipeline.schema import Request
 
 # Paste-back (seed recipe): the SAM mask is blurred by MASK_BLUR_PX, and the crop's own edge is
@@ -107,25 +108,35 @@ class FaceSwapStage:
         with timings.stage("reference"):
             reference_image = load_reference_image(url=request.image_url,
                                                    path=request.image_path)
-            found = face_ops.detect_reference_faces(self.faces, reference_image)
-            if not found:
-                raise NoFaceFound(image_field)
-            ref_index, ref_reason = self.choose(reference_image, found, request.face_index,
-                                                request.face_description, "face_index",
-                                                image_field)
-            face = found[ref_index]
-            # FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's.
-            reference = ReferenceIdentity(
-                embedding=face.embedding,
-                face_crop=face_ops.aligned_face_crop(reference_image, face),
-                faceid_embedding=face.score_embedding)
+            return self.identify(reference_image, request.face_index, request.face_description,
+                                 image_field)
+
+    def identify(self, image: Image.Image, index: int | None, description: str,
+                 image_field: str) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
+        """Detect the faces of a reference photo, choose one, and compute what every identity
+        stage takes from it; returns the face, its identity and the reference report."""
+        found = face_ops.detect_reference_faces(self.faces, image)
+        if not found:
+            raise NoFaceFound(image_field)
+        ref_index, ref_reason = self.choose(image, found, index, description, "face_index",
+                                            image_field)
+        face = found[ref_index]
+        # FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's: each gets its
+        # own, and a face without buffalo_l's is refused rather than given glintr100's.
+        if face.score_embedding is None or face.embedding is None:
+            raise InvalidInput(image_field, f"face {ref_index} has no keypoints to align, so no "
+                               "buffalo_l (FaceID) or antelopev2 (InstantID) embedding could be "
+                               "computed; send a clearer, frontal photo")
+        reference = ReferenceIdentity(embedding=face.embedding,
+                                      face_crop=face_ops.aligned_face_crop(image, face),
+                                      faceid_embedding=face.score_embedding)
         report: dict[str, Any] = {"applied": False, "reason": None, "similarity": None,
                                   "reference": _faces_report(found, ref_index, ref_reason)}
         return face, reference, report
 
     def swap_onto(self, scene: Image.Image, face: Any, reference: ReferenceIdentity,
                   request: Request, params: GenerationParams, timings: Any, notify: Any,
-                  report: dict[str, Any]) -> Image.Image:
+                  report: dict[str, Any], recipe: RefineRecipe | None = None) -> Image.Image:
         """Find the target face in `scene`, refine it under InstantID, paste it back and score
         the identity; `report` records every outcome (never a silent no-op)."""
         notify("finding the face in the scene")
@@ -151,9 +162,12 @@ class FaceSwapStage:
             crop_mask = mask[box[1]:box[3], box[0]:box[2]]
         with timings.stage("refine"):
             keypoints = face_ops.target_keypoints(target) - np.array(box[:2], dtype=np.float32)
+            refine_report: dict[str, Any] = {}
             refined = self.identity.refine(scene.crop(box),
                                            Image.fromarray(crop_mask.astype(np.uint8) * 255),
-                                           keypoints, reference, params)
+                                           keypoints, reference, params, recipe=recipe,
+                                           report=refine_report)
+            report["refine"] = refine_report
         with timings.stage("paste"):
             final = paste_back(scene, refined, paste_mask(crop_mask), box)
         with timings.stage("similarity"):

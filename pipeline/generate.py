@@ -18,11 +18,12 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from pipeline.device import Runtime
+from pipeline.prompts import encode_prompts, prompt_encoder
 
 log = logging.getLogger(__name__)
 
-# Prompt prefixes of the seed recipe. The negative prefix uses A1111 weighting syntax; diffusers
-# reads it as plain text, exactly as the deployed system passed it.
+# Prompt prefixes of the seed recipe. The negative prefix is A1111 weighting syntax, read as
+# weighting (`pipeline.prompts`): "worst quality, low quality" at 1.4.
 POSITIVE_PREFIX = "RAW photo, masterpiece, "
 NEGATIVE_PREFIX = "(worst quality, low quality:1.4), "
 
@@ -48,6 +49,13 @@ def recipe_prompts(prompt: str, negative_prompt: str) -> tuple[str, str]:
     return POSITIVE_PREFIX + prompt, NEGATIVE_PREFIX + negative_prompt
 
 
+def prompt_tokens(pipe: StableDiffusionXLPipeline, params: GenerationParams) -> dict[str, int]:
+    """Tokens the model sees for the prefixed prompt and negative prompt, read with the pipe's
+    tokenizer; a prompt over `pipeline.prompts.MAX_PROMPT_TOKENS` is an `InvalidInput`."""
+    return prompt_encoder(pipe).token_counts(*recipe_prompts(params.prompt,
+                                                             params.negative_prompt))
+
+
 def recipe_scheduler(config: Any) -> DPMSolverMultistepScheduler:
     """DPM++ 2M SDE with Karras sigmas, built from a checkpoint's scheduler config."""
     return DPMSolverMultistepScheduler.from_config(config, **SAMPLER)
@@ -60,7 +68,8 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 def load_text_pipeline(checkpoint: Path, config_dir: Path,
                        runtime: Runtime) -> StableDiffusionXLPipeline:
-    """Load an SDXL single-file checkpoint offline, with the recipe's sampler, on the runtime."""
+    """Load an SDXL single-file checkpoint offline, with the recipe's sampler, on the runtime
+    (`pipeline.convert`'s fallback when a checkpoint has no current build-time conversion)."""
     pipe = StableDiffusionXLPipeline.from_single_file(
         str(checkpoint), config=str(config_dir), local_files_only=True,
         torch_dtype=runtime.dtype)
@@ -72,12 +81,13 @@ def load_text_pipeline(checkpoint: Path, config_dir: Path,
 def text_to_image(pipe: StableDiffusionXLPipeline, params: GenerationParams,
                   **pipeline_kwargs: Any) -> Image.Image:
     """One SDXL generation. `pipeline_kwargs` carries the identity stage's extras
-    (`ip_adapter_image_embeds`, ...); without them this is text mode."""
+    (`ip_adapter_image_embeds`, ...); without them this is text mode. The prompts reach the
+    pipeline as embeddings (`pipeline.prompts`: weighted, never cut)."""
     prompt, negative = recipe_prompts(params.prompt, params.negative_prompt)
     with torch.inference_mode():
+        embeds = encode_prompts(pipe, prompt, negative)
         result = pipe(
-            prompt=prompt,
-            negative_prompt=negative,
+            **embeds.pipeline_kwargs(),
             width=params.width,
             height=params.height,
             num_inference_steps=params.steps,

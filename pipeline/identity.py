@@ -15,8 +15,8 @@ enabled state), so a text request after a face request renders as if no adapter 
 The LoRA: the FaceID `.bin` carries its LoRA (`to_{q,k,v,out}_lora` over every attention layer),
 which diffusers' `load_ip_adapter` loads as the peft adapter `faceid_0`; that copy is applied at
 `FACEID_LORA_SCALE`. `ip-adapter-faceid-plusv2_sdxl_lora.safetensors` is the same LoRA converted
-by the authors for UIs (A1111/ComfyUI; tencent-ailab/IP-Adapter issues #326 and #388) and is not
-loaded: loading both would apply the LoRA twice.
+by the authors for UIs (A1111/ComfyUI; tencent-ailab/IP-Adapter issues #326 and #388): loading
+both would apply the LoRA twice, so that file is neither locked nor shipped.
 
 Refinement (`IdentityModels.refine`) is `pipeline.instantid`.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,21 +37,13 @@ from diffusers.utils import USE_PEFT_BACKEND
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from pipeline.convert import ComponentCache, sdxl_files
+from pipeline.convert import sdxl_files
 from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError, shorten
 from pipeline.generate import GenerationParams, text_to_image
-from pipeline.instantid import (
-    RECIPE,
-    RefineRecipe,
-    load_refine_pipeline,
-    recipe_from_env,
-    refine_crop,
-    refine_seed,
-)
+from pipeline.instantid import RECIPE, RefineRecipe, refine_crop, refine_seed
 from pipeline.layout import Layout
 from pipeline.residency import REFINE_UNET, TEXT_UNET, UnetSwap
-from pipeline.speed import apply_speed_switches
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +83,24 @@ class IdentityScales:
 
 @dataclass(frozen=True)
 class ReferenceIdentity:
-    """The reference face: its ArcFace embedding and aligned crop.
+    """The reference face: its two ArcFace embeddings and aligned crop.
 
-    `embedding` is the raw (unnormalised) 512-d recognition embedding (antelopev2), which
-    InstantID takes as is; FaceID takes it L2-normed. `faceid_embedding`, when given, is the one
-    FaceID gets instead (IP-Adapter FaceID was trained on buffalo_l's embedding).
+    `embedding` is the raw (unnormalised) 512-d antelopev2 (glintr100) embedding, which InstantID
+    was trained on and takes as is. `faceid_embedding` is buffalo_l's (w600k_r50), the network
+    IP-Adapter FaceID was trained on; FaceID takes it L2-normed. Both are required: glintr100's
+    embedding lives in another space, so it is never a stand-in for FaceID's.
     """
 
     embedding: np.ndarray
     face_crop: Image.Image
-    faceid_embedding: np.ndarray | None = None
+    faceid_embedding: np.ndarray
 
     def __post_init__(self) -> None:
         for name in ("embedding", "faceid_embedding"):
             value = getattr(self, name)
             if value is None:
-                continue
+                raise InvalidInput(name, f"is required: a {EMBEDDING_SIZE}-d ArcFace embedding "
+                                         "(FaceID's comes from buffalo_l only)")
             array = np.asarray(value, dtype=np.float32)
             if array.shape != (EMBEDDING_SIZE,) or not np.isfinite(array).all():
                 raise InvalidInput(
@@ -252,9 +246,8 @@ class FaceEncoder:
 
 def faceid_embeds(reference: ReferenceIdentity, with_negative: bool, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
-    """FaceID's input: the L2-normed embedding (batch, 1, 512), zeros as the negative."""
-    source = reference.faceid_embedding
-    vector = np.asarray(reference.embedding if source is None else source, dtype=np.float32)
+    """FaceID's input: buffalo_l's L2-normed embedding (batch, 1, 512), zeros as the negative."""
+    vector = np.asarray(reference.faceid_embedding, dtype=np.float32)
     vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
     positive = torch.from_numpy(vector).reshape(1, 1, -1)
     batch = torch.cat([torch.zeros_like(positive), positive]) if with_negative else positive
@@ -272,63 +265,37 @@ class IdentityModels:
     refine_pipe: StableDiffusionXLControlNetInpaintPipeline
     recipe: RefineRecipe = RECIPE
     residency: UnetSwap | None = None  # which UNet is on the device (24 GB plan)
-    speed: dict[str, Any] = field(default_factory=dict)  # apply_speed_switches' reports
 
-    @classmethod
-    def load(cls, layout: Layout, runtime: Runtime, text_pipe: StableDiffusionXLPipeline, *,
-             cache: ComponentCache | None = None, residency: UnetSwap | None = None,
-             speed_switches: bool = True) -> IdentityModels:
-        """Install the adapters into `text_pipe` and load the rest; `cache` is the one the text
-        pipe was loaded with, so components both checkpoints share are loaded once. The speed
-        switches go on each pipe once its adapters are in, before `residency` takes its host
-        copy; with a swapping `residency` the text UNet leaves the device before Juggernaut's
-        arrives."""
-        layout.check_present(identity_files(layout))
-        adapters = install_identity_adapters(text_pipe, layout)
-        speed = {}
-        if speed_switches:
-            speed["text"] = apply_speed_switches(text_pipe, runtime)
-        encoder = FaceEncoder.load(layout, runtime)
-        if residency is not None:
-            residency.add(TEXT_UNET, text_pipe.unet)
-            residency.release()
-        refine_pipe = load_refine_pipeline(layout, runtime, cache=cache)
-        if speed_switches:
-            speed["refine"] = apply_speed_switches(refine_pipe, runtime)
-        if residency is not None:
-            residency.add(REFINE_UNET, refine_pipe.unet)
-        return cls(text_pipe, adapters, encoder, refine_pipe, recipe_from_env(), residency,
-                   speed)
-
-    def _use(self, name: str) -> None:
-        if self.residency is not None:
-            self.residency.use(name)
+    def _holding(self, name: str) -> AbstractContextManager[None]:
+        return self.residency.holding(name) if self.residency is not None else nullcontext()
 
     def generate(self, params: GenerationParams, reference: ReferenceIdentity,
                  scales: IdentityScales = IdentityScales()) -> Image.Image:
         """Text-to-image on the primary pipe with both IP-Adapters; the pipe is restored after."""
         with_negative = params.cfg > 1.0
-        self._use(TEXT_UNET)
-        unet = self.text_pipe.unet
-        clip = self.encoder.hidden_states(reference.face_crop, with_negative)
-        clip = clip.to(device=unet.device, dtype=unet.dtype)
-        faceid = faceid_embeds(reference, with_negative, unet.device, unet.dtype)
-        embeds = [faceid, clip]  # load order: FaceID Plus v2, Plus Face
-        with identity_priors(self.text_pipe, self.adapters, scales, clip):
-            return text_to_image(self.text_pipe, params, ip_adapter_image_embeds=embeds)
+        with self._holding(TEXT_UNET):
+            unet = self.text_pipe.unet
+            clip = self.encoder.hidden_states(reference.face_crop, with_negative)
+            clip = clip.to(device=unet.device, dtype=unet.dtype)
+            faceid = faceid_embeds(reference, with_negative, unet.device, unet.dtype)
+            embeds = [faceid, clip]  # load order: FaceID Plus v2, Plus Face
+            with identity_priors(self.text_pipe, self.adapters, scales, clip):
+                return text_to_image(self.text_pipe, params, ip_adapter_image_embeds=embeds)
 
     def refine(self, crop: Image.Image, mask: Image.Image, target_keypoints: np.ndarray,
                reference: ReferenceIdentity, params: GenerationParams, seed: int | None = None,
                scales: IdentityScales = IdentityScales(),
-               recipe: RefineRecipe | None = None) -> Image.Image:
+               recipe: RefineRecipe | None = None,
+               report: dict[str, Any] | None = None) -> Image.Image:
         """InstantID inpainting of the masked face in `crop` (same size out); `seed` defaults to
-        `refine_seed(params.seed)`."""
-        self._use(REFINE_UNET)
-        return refine_crop(
-            self.refine_pipe, crop, mask, target_keypoints, reference.embedding, params,
-            refine_seed(params.seed) if seed is None else seed,
-            controlnet_scale=scales.instantid_controlnet,
-            adapter_scale=scales.instantid_adapter, recipe=recipe or self.recipe)
+        `refine_seed(params.seed)`; `report` receives the sampler steps run and the denoise."""
+        with self._holding(REFINE_UNET):
+            return refine_crop(
+                self.refine_pipe, crop, mask, target_keypoints, reference.embedding, params,
+                refine_seed(params.seed) if seed is None else seed,
+                controlnet_scale=scales.instantid_controlnet,
+                adapter_scale=scales.instantid_adapter, recipe=recipe or self.recipe,
+                report=report)
 
 
 def identity_files(layout: Layout) -> list[Path]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,14 +34,18 @@ from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError, shorten
 from pipeline.generate import GenerationParams, recipe_prompts, recipe_scheduler, seeded_generator
 from pipeline.layout import Layout
+from pipeline.prompts import encode_prompts
 
 log = logging.getLogger(__name__)
 
-# Sampling recipe of the refinement pass (seed recipe): 20 steps of DPM++ 2M SDE Karras at cfg 2.0,
-# denoising 60 % of the way (img2img strength 0.6) so the crop's pose and light survive.
+# Sampling recipe of the refinement pass (seed recipe, ComfyUI's FaceDetailer): 20 sampler steps
+# of DPM++ 2M SDE Karras at cfg 2.0 with denoise 0.6, so the crop's pose and light survive.
+# ComfyUI's denoise is not diffusers' img2img strength: its KSampler builds int(steps / denoise)
+# sigmas and runs the last `steps` of them (20 steps over the last 60 % of a 33-step schedule),
+# where `strength=0.6, num_inference_steps=20` would run 12. `comfy_schedule` translates.
 REFINE_STEPS = 20
 REFINE_CFG = 2.0
-REFINE_STRENGTH = 0.6
+REFINE_DENOISE = 0.6
 # The crop is resized toward GUIDE_SIZE on its short side, never past MAX_SIZE on its long side
 # (the face-detailer convention of the deployed system), in multiples of 8, and back afterwards.
 GUIDE_SIZE = 1024
@@ -67,29 +70,40 @@ POINT_RADIUS = 10
 class RefineRecipe:
     """Sampling settings of the refinement pass; the defaults are the recipe, tests shrink them."""
 
-    steps: int = REFINE_STEPS
+    steps: int = REFINE_STEPS  # sampler steps actually run
     cfg: float = REFINE_CFG
-    strength: float = REFINE_STRENGTH
+    denoise: float = REFINE_DENOISE  # ComfyUI's denoise (see comfy_schedule)
     guide_size: int = GUIDE_SIZE
     max_size: int = MAX_SIZE
 
 
 RECIPE = RefineRecipe()
-# Operators may trade face detail for speed by refining at a smaller working size (the seed
-# recipe's 1024 costs most of a face request on small GPUs and on the CPU); the test suite uses
-# it to keep CPU runs short. Unset means the recipe.
-GUIDE_SIZE_ENV = "PIPELINE_REFINE_GUIDE_SIZE"
 
 
-def recipe_from_env() -> RefineRecipe:
-    """The recipe, with guide and max size from `PIPELINE_REFINE_GUIDE_SIZE` when set."""
-    value = os.environ.get(GUIDE_SIZE_ENV, "").strip()
-    if not value:
+def recipe_for(guide_size: int | None) -> RefineRecipe:
+    """The recipe, refined at `guide_size` (`PIPELINE_REFINE_GUIDE_SIZE`, validated by
+    `pipeline.settings`) when given: operators may trade face detail for speed (the recipe's
+    1024 costs most of a face request on small GPUs and on the CPU); the tests use 256."""
+    if guide_size is None:
         return RECIPE
-    size = int(value)
-    if not 64 <= size <= GUIDE_SIZE:
-        raise ValueError(f"{GUIDE_SIZE_ENV} must be between 64 and {GUIDE_SIZE}, got {size}")
-    return dataclasses.replace(RECIPE, guide_size=size, max_size=size)
+    if not 8 <= guide_size <= GUIDE_SIZE:
+        raise ValueError(f"`guide_size` must be between 8 and {GUIDE_SIZE}, got {guide_size}")
+    return dataclasses.replace(RECIPE, guide_size=guide_size, max_size=guide_size)
+
+
+def comfy_schedule(steps: int, denoise: float) -> tuple[int, float]:
+    """(schedule steps, diffusers strength) that run ComfyUI's `KSampler(steps, denoise)` in a
+    diffusers img2img/inpaint pipeline: a schedule of int(steps / denoise) steps of which the last
+    `steps` run. diffusers runs the last int(schedule * strength) timesteps, so the strength is
+    put half a step past `steps` / schedule, clear of float rounding. Denoise 1 is a plain run."""
+    if steps < 1:
+        raise ValueError(f"`steps` must be at least 1, got {steps}")
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"`denoise` must be in (0, 1], got {denoise}")
+    schedule = int(steps / denoise)
+    if schedule <= steps:  # ComfyUI then keeps every sigma: a full-strength run
+        return steps, 1.0
+    return schedule, (steps + 0.5) / schedule
 
 
 def refine_seed(request_seed: int) -> int:
@@ -213,9 +227,11 @@ def identity_embeds(embedding: np.ndarray, with_negative: bool, device: torch.de
 def refine_crop(pipe: StableDiffusionXLControlNetInpaintPipeline, crop: Image.Image,
                 mask: Image.Image, target_keypoints: np.ndarray, embedding: np.ndarray,
                 params: GenerationParams, seed: int, controlnet_scale: float,
-                adapter_scale: float, recipe: RefineRecipe = RECIPE) -> Image.Image:
+                adapter_scale: float, recipe: RefineRecipe = RECIPE,
+                report: dict[str, Any] | None = None) -> Image.Image:
     """Inpaint the masked part of `crop` under InstantID; returns an image of the crop's size
-    (the whole crop as the pipeline decoded it: pasting it back under the mask is the caller's)."""
+    (the whole crop as the pipeline decoded it: pasting it back under the mask is the caller's).
+    `report`, when given, receives the sampler steps that ran, the denoise and the schedule."""
     if mask.size != crop.size:
         raise InvalidInput("mask", f"must have the crop's size {crop.size}, got {mask.size}")
     width, height = crop.size
@@ -231,25 +247,43 @@ def refine_crop(pipe: StableDiffusionXLControlNetInpaintPipeline, crop: Image.Im
     projection = unet.encoder_hid_proj.image_projection_layers[0]
     prompt, negative = recipe_prompts(params.prompt, params.negative_prompt)
     pipe.set_ip_adapter_scale(adapter_scale)
-    with torch.inference_mode():
-        # The same Resampler output the UNet's adapter attends to (batch x 16 x width).
-        tokens = projection(embeds.flatten(0, 1))
-        with pipe.controlnet.identity_tokens(tokens):
-            result = pipe(
-                prompt=prompt,
-                negative_prompt=negative,
-                image=image,
-                mask_image=work_mask,
-                control_image=control,
-                width=work_w,
-                height=work_h,
-                strength=recipe.strength,
-                num_inference_steps=recipe.steps,
-                guidance_scale=recipe.cfg,
-                controlnet_conditioning_scale=controlnet_scale,
-                ip_adapter_image_embeds=[embeds],
-                generator=seeded_generator(seed),
-                output_type="pil",
-            )
-    log.info("refined a %dx%d crop at %dx%d", width, height, work_w, work_h)
+    schedule_steps, strength = comfy_schedule(recipe.steps, recipe.denoise)
+    steps_run = [0]
+
+    def count_step(_pipe: Any, _index: int, _timestep: Any, kwargs: dict) -> dict:
+        steps_run[0] += 1
+        return kwargs
+
+    vae_dtype = pipe.vae.dtype
+    try:
+        with torch.inference_mode():
+            # The same Resampler output the UNet's adapter attends to (batch x 16 x width).
+            tokens = projection(embeds.flatten(0, 1))
+            prompt_embeds = encode_prompts(pipe, prompt, negative)
+            with pipe.controlnet.identity_tokens(tokens):
+                result = pipe(
+                    **prompt_embeds.pipeline_kwargs(),
+                    image=image,
+                    mask_image=work_mask,
+                    control_image=control,
+                    width=work_w,
+                    height=work_h,
+                    strength=strength,
+                    num_inference_steps=schedule_steps,
+                    guidance_scale=recipe.cfg,
+                    controlnet_conditioning_scale=controlnet_scale,
+                    ip_adapter_image_embeds=[embeds],
+                    generator=seeded_generator(seed),
+                    output_type="pil",
+                    callback_on_step_end=count_step,
+                )
+    finally:
+        # diffusers' ControlNet-inpaint pipeline upcasts an fp16 VAE with `force_upcast` to fp32
+        # for encoding and never casts it back; the text pipe shares this VAE.
+        if pipe.vae.dtype != vae_dtype:
+            pipe.vae.to(dtype=vae_dtype)
+    if report is not None:
+        report.update(steps=steps_run[0], denoise=recipe.denoise, schedule_steps=schedule_steps)
+    log.info("refined a %dx%d crop at %dx%d in %d sampler steps", width, height, work_w, work_h,
+             steps_run[0])
     return result.images[0].resize((width, height), Image.Resampling.LANCZOS)

@@ -6,7 +6,6 @@ production loaders, so the three can never disagree about a path.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +15,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Both images (cog build and Dockerfile.runpod) put the project in /src and bake the weights
 # into /src/weights, so the default is the project's own weights/ folder.
 DEFAULT_WEIGHTS_DIR = PROJECT_ROOT / "weights"
-
-
-def weights_dir() -> Path:
-    """The weights folder: ``$WEIGHTS_DIR`` when set, else ``<project>/weights``."""
-    return Path(os.environ.get("WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR)
 
 
 @dataclass(frozen=True)
@@ -65,10 +59,6 @@ class Layout:
         return self.faceid_dir / "ip-adapter-faceid-plusv2_sdxl.bin"
 
     @property
-    def faceid_plusv2_lora(self) -> Path:
-        return self.faceid_dir / "ip-adapter-faceid-plusv2_sdxl_lora.safetensors"
-
-    @property
     def instantid_dir(self) -> Path:
         return self.root / "instantid"
 
@@ -108,6 +98,12 @@ class Layout:
     @property
     def picker_mmproj(self) -> Path:
         return self.root / "qwen25-vl" / "Qwen2.5-VL-3B-Instruct-mmproj-f16.gguf"
+
+    @property
+    def warm_up_reference(self) -> Path:
+        """A face photo the start-up warm-up swaps, when the weights tree brings its own (the
+        tiny twins' marker face); otherwise the portrait bundled with the code is used."""
+        return self.root / "warm-up" / "reference.png"
 
     def text_files(self) -> list[Path]:
         """What text mode loads."""

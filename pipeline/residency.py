@@ -1,6 +1,6 @@
 """Which SDXL UNet is on the GPU between uses: the 24 GB part of the VRAM plan.
 
-With every model resident, face mode peaks at about 25.9 GiB (docs/performance.md, section 2):
+With every model resident, face mode peaks at about 27.0 GiB (docs/performance.md, section 2):
 a 24 GB card (RTX 4090, L4, A10) cannot hold CyberRealistic's UNet and Juggernaut's next to the
 rest. `UnetSwap` keeps a pinned host copy of each registered UNet's weights and at most one UNet
 on the device. Switching drops the outgoing UNet's device tensors (weights are read-only at
@@ -16,8 +16,9 @@ bookkeeping, for tests); `0` never.
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -26,21 +27,19 @@ from pipeline.device import Runtime
 log = logging.getLogger(__name__)
 
 SWAP_ENV = "PIPELINE_UNET_SWAP"
-# The all-resident face-mode peak is 25.9 GiB (plan, section 2); below 28 GiB of device memory
+# The all-resident face-mode peak is 27.0 GiB (plan, section 2); below 28 GiB of device memory
 # the two UNets take turns. 32 GB cards (31.4-32 GiB) keep both resident.
 SWAP_BELOW_BYTES = 28 * 2**30
 TEXT_UNET, REFINE_UNET = "text", "refine"
 
 
-def swap_wanted(runtime: Runtime) -> bool:
-    """Whether the UNets should take turns on `runtime`'s device (see the module docstring)."""
-    value = os.environ.get(SWAP_ENV, "auto").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    if value not in ("", "auto"):
-        raise ValueError(f"`{SWAP_ENV}` must be auto, 1 or 0; got {os.environ[SWAP_ENV]!r}")
+def swap_wanted(runtime: Runtime, mode: str = "auto") -> bool:
+    """Whether the UNets should take turns on `runtime`'s device: `mode` is the validated
+    `PIPELINE_UNET_SWAP` ("auto", "on" or "off"; see the module docstring)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    if mode != "auto":
+        raise ValueError(f"`mode` must be auto, on or off, got {mode!r}")
     if not runtime.is_cuda:
         return False
     total = torch.cuda.get_device_properties(runtime.device).total_memory
@@ -85,10 +84,9 @@ class UnetSwap:
         self._copies: dict[str, _HostCopy] = {}
 
     @classmethod
-    def for_runtime(cls, runtime: Runtime) -> UnetSwap:
-        swap = cls(runtime, swap_wanted(runtime))
-        log.info("UNet swap %s (%s=%s)", "on" if swap.enabled else "off", SWAP_ENV,
-                 os.environ.get(SWAP_ENV, "auto"))
+    def for_runtime(cls, runtime: Runtime, mode: str = "auto") -> UnetSwap:
+        swap = cls(runtime, swap_wanted(runtime, mode))
+        log.info("UNet swap %s (%s=%s)", "on" if swap.enabled else "off", SWAP_ENV, mode)
         return swap
 
     def add(self, name: str, module: torch.nn.Module) -> None:
@@ -125,6 +123,14 @@ class UnetSwap:
         self.active = name
         self.swaps += 1
         self.seconds += time.perf_counter() - started
+
+    @contextmanager
+    def holding(self, name: str) -> Iterator[None]:
+        """Run the block with `name` on the device (the one way callers bring a UNet in: at
+        the call site that runs it). The module stays there afterwards, so requests in a row on
+        the same UNet never swap."""
+        self.use(name)
+        yield
 
     def report(self) -> dict[str, object]:
         return {"enabled": self.enabled, "active": self.active, "swaps": self.swaps,

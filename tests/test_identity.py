@@ -13,6 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
+from pipeline.assemble import load_identity_models
 from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError
 from pipeline.generate import GenerationParams, load_text_pipeline, text_to_image
@@ -21,9 +22,11 @@ from pipeline.identity import (
     IdentityModels,
     IdentityScales,
     ReferenceIdentity,
+    faceid_embeds,
 )
 from pipeline.instantid import (
     RefineRecipe,
+    comfy_schedule,
     draw_keypoints,
     identity_embeds,
     refine_seed,
@@ -53,7 +56,7 @@ def layout(tmp_path_factory) -> Layout:
 def models(layout) -> IdentityModels:
     text_pipe = load_text_pipeline(layout.cyberrealistic, layout.sdxl_config, CPU)
     # No speed switches: the tests below compare against plain pipes byte for byte.
-    return IdentityModels.load(layout, CPU, text_pipe, speed_switches=False)
+    return load_identity_models(layout, CPU, text_pipe)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +77,11 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
 
 
 def _reference(seed: int = 0, crop_seed: int = 0) -> ReferenceIdentity:
-    embedding = np.random.default_rng(seed).normal(size=512).astype(np.float32) * 20
-    return ReferenceIdentity(embedding=embedding, face_crop=_image(100 + crop_seed, (96, 96)))
+    rng = np.random.default_rng(seed)
+    embedding = rng.normal(size=512).astype(np.float32) * 20
+    faceid = rng.normal(size=512).astype(np.float32) * 20
+    return ReferenceIdentity(embedding=embedding, face_crop=_image(100 + crop_seed, (96, 96)),
+                             faceid_embedding=faceid)
 
 
 def _bytes(image: Image.Image) -> bytes:
@@ -237,42 +243,80 @@ def test_unarmed_instantid_controlnet_refuses_to_run(models):
         controlnet(sample, 1, torch.zeros(1, 77, 80), torch.zeros(1, 3, 64, 64))
 
 
-def test_draw_keypoints_matches_instantid_drawing():
-    points = np.array([[20.0, 20.0], [76.0, 20.0], [48.0, 50.0], [24.0, 70.0], [72.0, 70.0]])
-    image = np.asarray(draw_keypoints((96, 80), points))
-    assert image.shape == (80, 96, 3)
-    for (x, y), colour in zip(points.astype(int),
-                              [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0),
-                               (255, 0, 255)]):
-        assert tuple(image[y, x]) == colour
-    # Middle of the limb from the left eye to the nose, outside both discs: red at 60 %.
-    assert tuple(image[35, 34]) == (153, 0, 0)
-    assert tuple(image[35, 62]) == (0, 153, 0)  # right eye's limb
-    assert tuple(image[2, 2]) == (0, 0, 0) and tuple(image[78, 94]) == (0, 0, 0)
-    with pytest.raises(InvalidInput, match="`keypoints`"):
-        draw_keypoints((64, 64), np.zeros((4, 2)))
-
-
-def test_work_size_follows_guide_and_max_size():
-    assert work_size((100, 80)) == (1024, 816)
-    assert work_size((2000, 500)) == (1024, 256)
-    assert work_size((3, 3)) == (1024, 1024)
-    for size in [(75, 61), (640, 1217), (1, 900)]:
-        width, height = work_size(size)
-        assert width % 8 == 0 and height % 8 == 0 and max(width, height) <= 1024
-
-
 def test_recipe_constants():
     scales = IdentityScales()
     assert (scales.faceid, scales.faceid_structure, scales.faceid_lora, scales.plus_face,
             scales.instantid_controlnet, scales.instantid_adapter) == (
                 0.3, 0.3, 0.4, 0.3, 0.7, 0.85)
     recipe = RefineRecipe()
-    assert (recipe.steps, recipe.cfg, recipe.strength, recipe.guide_size, recipe.max_size) == (
+    assert (recipe.steps, recipe.cfg, recipe.denoise, recipe.guide_size, recipe.max_size) == (
         20, 2.0, 0.6, 1024, 1024)
     assert refine_seed(41) == 42
 
 
 def test_reference_identity_rejects_a_bad_embedding():
     with pytest.raises(InvalidInput, match="`embedding`"):
-        ReferenceIdentity(embedding=np.zeros(128), face_crop=_image(0, (8, 8)))
+        ReferenceIdentity(embedding=np.zeros(128), face_crop=_image(0, (8, 8)),
+                          faceid_embedding=np.zeros(512))
+
+
+def test_faceid_never_takes_the_antelopev2_embedding():
+    """FaceID's embedding comes only from buffalo_l: no fallback to InstantID's glintr100 one."""
+    with pytest.raises(InvalidInput, match="`faceid_embedding` is required.*buffalo_l"):
+        ReferenceIdentity(embedding=np.ones(512), face_crop=_image(0, (8, 8)),
+                          faceid_embedding=None)
+    reference = _reference(3)
+    embeds = faceid_embeds(reference, True, torch.device("cpu"), torch.float32)
+    expected = reference.faceid_embedding / np.linalg.norm(reference.faceid_embedding)
+    np.testing.assert_allclose(embeds[1, 0].numpy(), expected, rtol=1e-6)
+    assert not np.allclose(embeds[1, 0].numpy(),
+                           reference.embedding / np.linalg.norm(reference.embedding))
+
+
+def test_refine_schedule_follows_comfyui_denoise(models):
+    """ComfyUI's KSampler(20 steps, denoise 0.6) runs 20 sampler steps over the last 60 % of a
+    33-step schedule; diffusers' strength=0.6 with 20 steps would run 12."""
+    assert comfy_schedule(20, 0.6) == (33, 20.5 / 33)
+    assert comfy_schedule(8, 1.0) == (8, 1.0)
+    assert comfy_schedule(20, 0.99) == (20, 1.0)  # int(20 / 0.99) == 20: every sigma
+    pipe = models.refine_pipe
+    for steps, denoise in ((20, 0.6), (4, 0.6), (12, 0.35), (7, 0.5)):
+        schedule, strength = comfy_schedule(steps, denoise)
+        pipe.scheduler.set_timesteps(schedule, device="cpu")
+        timesteps, run = pipe.get_timesteps(schedule, strength, "cpu")
+        assert run == len(timesteps) == steps
+        # ...and they are the last `steps` of the schedule, as ComfyUI's sigmas[-(steps + 1):].
+        assert torch.equal(timesteps, pipe.scheduler.timesteps[-steps:])
+    with pytest.raises(ValueError, match="`denoise`"):
+        comfy_schedule(20, 0.0)
+
+
+def test_refine_reports_the_sampler_steps_it_ran(models):
+    crop, mask = _image(8, (64, 64)), Image.new("L", (64, 64), 255)
+    report: dict = {}
+    models.refine(crop, mask, KEYPOINTS, _reference(), PARAMS, recipe=TINY_REFINE,
+                  report=report)
+    assert report == {"steps": TINY_REFINE.steps, "denoise": 0.6, "schedule_steps": 6}
+
+
+def test_refine_gives_the_shared_vae_its_dtype_back(models):
+    """diffusers' ControlNet-inpaint pipeline upcasts an fp16 `force_upcast` VAE to fp32 and
+    leaves it there; the text pipe shares that VAE, and in an fp16 pipeline its next decode
+    failed ("Input type (c10::Half) and bias type (float)")."""
+    from diffusers import StableDiffusionXLPipeline
+
+    vae = models.refine_pipe.vae
+    assert vae.config.force_upcast
+    # A text pipe sharing the refine pipe's VAE, as the service's component cache does.
+    text_pipe = StableDiffusionXLPipeline(**{**models.text_pipe.components, "vae": vae})
+    text_pipe.set_progress_bar_config(disable=True)
+    crop, mask = _image(9, (64, 64)), Image.new("L", (64, 64), 255)
+    try:
+        vae.to(dtype=torch.float16)
+        models.refine(crop, mask, KEYPOINTS, _reference(), PARAMS, recipe=TINY_REFINE)
+        assert vae.dtype == torch.float16
+        image = text_to_image(text_pipe, PARAMS)  # face then text, bf16 switch off
+        assert image.size == (PARAMS.width, PARAMS.height)
+        assert vae.dtype == torch.float16
+    finally:
+        vae.to(dtype=torch.float32)

@@ -460,7 +460,7 @@ def test_repo_lock_covers_every_layout_path(repo_lock):
     # warm_up_reference is optional (the twins bring one; real trees use the bundled portrait).
     props = [n for n, v in vars(Layout).items()
              if isinstance(v, property) and n != "warm_up_reference"]
-    assert len(props) >= 19
+    assert len(props) >= 18
     for name in props:
         path = getattr(layout, name)
         assert path in locked or any(path in p.parents for p in locked), \
@@ -501,3 +501,11 @@ def test_repo_lock_sources_are_pinned_or_documented(repo_lock):
         assert e.license, f"{e.name} has no license note"
         if e.name.startswith("insightface"):
             assert "non-commercial" in e.license
+
+
+def test_repo_lock_ships_no_file_the_code_never_loads(repo_lock):
+    """The FaceID `.bin` carries its LoRA; the UI copy of it (371 MB) is dead weight."""
+    paths = {f.path for _, f in repo_lock.items()}
+    assert "ip-adapter-faceid-plusv2_sdxl.bin" in paths
+    assert not any(p.endswith("_lora.safetensors") for p in paths)
+    assert not hasattr(Layout, "faceid_plusv2_lora")

@@ -51,6 +51,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image, ImageDraw
 
 from pipeline.faces import KEYPOINT_FRACTIONS, yolo_class
 from pipeline.layout import Layout
@@ -351,4 +352,18 @@ def write_face_twins(layout: Layout) -> None:
     write_insightface_twins(layout.antelopev2, ANTELOPE_FILES, SEED)
     write_insightface_twins(layout.buffalo_l, BUFFALO_FILES, SEED + 10)
     write_sam_twin(layout.sam_vit_b)
+    write_warm_up_reference(layout.warm_up_reference)
     log.info("face twins written under %s", layout.root)
+
+
+def write_warm_up_reference(path: Path, size: int = 384) -> None:
+    """The twins' warm-up face: one marker (which every detector twin fires on) on a noise
+    background whose red never dominates, so it is the only face."""
+    pixels = np.random.default_rng(SEED).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    pixels[..., 0] = np.minimum(pixels[..., 0], 170)
+    image = Image.fromarray(pixels)
+    margin = size // 5
+    ImageDraw.Draw(image).rectangle([margin, margin, size - margin - 1, size - margin - 1],
+                                    fill=MARKER_RGB)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

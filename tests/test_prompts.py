@@ -1,0 +1,197 @@
+"""Prompts are read whole and weighted as A1111 reads them, on the tiny twins.
+
+The parser is checked on its own; the rest runs the real service (the in-process Predictor on
+the tiny-twin weights) at 512x512 with 2 steps: weighting and words past CLIP's 77 tokens must
+change the rendered bytes in text mode, in the identity stage and in the InstantID refine pass.
+The twins' tokenizer is byte-level, so long prompts are built from one-token words.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import runpod_adapter
+from pipeline.errors import InvalidInput
+from pipeline.generate import NEGATIVE_PREFIX, POSITIVE_PREFIX, GenerationParams
+from pipeline.identity import ReferenceIdentity
+from pipeline.instantid import RefineRecipe
+from pipeline.prompts import (
+    MAX_PROMPT_TOKENS,
+    ROUND_MULTIPLIER,
+    SQUARE_MULTIPLIER,
+    count_tokens,
+    parse_weighted,
+    prompt_encoder,
+)
+from pipeline.schema import validate_request
+
+FAST = {"width": 512, "height": 512, "steps": 2}
+SEED = 3
+# 100 words, one twin token each ("the" and "a" are whole tokens of the twins' BPE): past 77.
+LONG_WORDS = ["the", "a"] * 49 + ["the"]
+TINY_REFINE = RefineRecipe(steps=2, guide_size=64, max_size=64)
+KEYPOINTS = np.array([[28.0, 30.0], [52.0, 30.0], [40.0, 42.0], [31.0, 54.0], [49.0, 54.0]])
+
+
+def _long_prompt(last_word: str) -> str:
+    return " ".join([*LONG_WORDS, last_word])
+
+
+def _bytes(image: Image.Image) -> bytes:
+    return np.asarray(image).tobytes()
+
+
+def _render(predictor, prompt: str, **fields) -> bytes:
+    request = validate_request({"prompt": prompt, "seed": SEED, **FAST, **fields})
+    image = predictor.service.run(request).image
+    # A pure-colour frame (the twins' face marker) would hide every prompt change.
+    assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 100
+    return _bytes(image)
+
+
+def _reference(seed: int = 0) -> ReferenceIdentity:
+    rng = np.random.default_rng(seed)
+    crop = Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    return ReferenceIdentity(embedding=rng.normal(size=512).astype(np.float32) * 20,
+                             face_crop=crop,
+                             faceid_embedding=rng.normal(size=512).astype(np.float32) * 20)
+
+
+# ------------------------------------------------------------------------------ the parser
+
+
+def test_explicit_weight():
+    assert parse_weighted("(a:1.4)") == [("a", 1.4)]
+    assert parse_weighted("x (a b: 0.5 ) y") == [("x ", 1.0), ("a b", 0.5), (" y", 1.0)]
+
+
+def test_round_brackets_multiply_by_1_1_and_square_divide():
+    assert parse_weighted("(a)") == [("a", ROUND_MULTIPLIER)]
+    assert parse_weighted("[a]") == [("a", SQUARE_MULTIPLIER)]
+    assert SQUARE_MULTIPLIER == pytest.approx(1 / 1.1)
+
+
+def test_nesting_multiplies():
+    assert parse_weighted("((a))") == [("a", pytest.approx(1.21))]
+    assert parse_weighted("(a (b:2))") == [("a ", 1.1), ("b", pytest.approx(2.2))]
+    assert parse_weighted("[(a:1.5)]") == [("a", pytest.approx(1.5 / 1.1))]
+
+
+def test_escaped_brackets_are_literal():
+    assert parse_weighted(r"\(a\) \[b\]") == [("(a) [b]", 1.0)]
+    assert parse_weighted(r"(\(a\):1.2)") == [("(a)", 1.2)]
+    assert parse_weighted("a \\\\ b") == [("a \\ b", 1.0)]
+
+
+def test_unbalanced_brackets_behave_as_in_a1111():
+    assert parse_weighted("(a") == [("a", ROUND_MULTIPLIER)]
+    assert parse_weighted("a) :1.4) b") == [("a) :1.4) b", 1.0)]
+
+
+def test_equal_weights_merge():
+    assert parse_weighted("(red hat:1.0), man") == parse_weighted("red hat, man") == [
+        ("red hat, man", 1.0)]
+    assert parse_weighted("(a:1.2)(b:1.2)") == [("ab", 1.2)]
+
+
+def test_the_recipe_negative_prefix_is_weighted():
+    assert parse_weighted(NEGATIVE_PREFIX) == [("worst quality, low quality", 1.4), (", ", 1.0)]
+
+
+@pytest.mark.parametrize("text", ["(a:-1)", "(a:1.2.3)"])
+def test_unusable_weights_are_refused_naming_the_field(text):
+    with pytest.raises(InvalidInput, match="`negative_prompt`"):
+        parse_weighted(text, "negative_prompt")
+
+
+# ------------------------------------------------------------------------- text mode
+
+
+def test_weight_one_renders_as_the_plain_prompt(predictor):
+    assert _render(predictor, "(red hat:1.0), man") == _render(predictor, "red hat, man")
+
+
+def test_a_weight_changes_the_image(predictor):
+    assert _render(predictor, "(red hat:1.6), man") != _render(predictor, "red hat, man")
+
+
+def test_the_last_word_of_a_100_word_prompt_counts(predictor):
+    tokens = count_tokens(predictor.service.text_pipe, POSITIVE_PREFIX + _long_prompt("man"))
+    assert 77 < tokens <= MAX_PROMPT_TOKENS
+    assert _render(predictor, _long_prompt("man")) != _render(predictor, _long_prompt("hat"))
+
+
+def test_the_negative_prompt_is_read_whole_too(predictor):
+    assert _render(predictor, "a man", negative_prompt=_long_prompt("man")) != \
+        _render(predictor, "a man", negative_prompt=_long_prompt("hat"))
+
+
+# --------------------------------------------------------------- identity and refine passes
+
+
+def test_the_identity_stage_reads_the_whole_prompt(predictor):
+    identity = predictor.service.face_swap.identity
+    images = [identity.generate(GenerationParams(_long_prompt(word), "", 512, 512, 2, 2.0, SEED),
+                                _reference()) for word in ("man", "hat")]
+    assert _bytes(images[0]) != _bytes(images[1])
+
+
+def test_the_refine_pass_reads_the_whole_prompt(predictor):
+    identity = predictor.service.face_swap.identity
+    rng = np.random.default_rng(7)
+    crop = Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    mask = Image.new("L", crop.size, 255)
+
+    def refine(prompt: str) -> bytes:
+        params = GenerationParams(prompt, "", 512, 512, 2, 2.0, SEED)
+        return _bytes(identity.refine(crop, mask, KEYPOINTS, _reference(), params,
+                                      recipe=TINY_REFINE))
+
+    assert refine(_long_prompt("man")) != refine(_long_prompt("hat"))
+    assert refine("(red hat:1.0), man") == refine("red hat, man")
+
+
+# ----------------------------------------------------------------- limit and report
+
+
+def test_an_over_limit_prompt_is_refused_naming_prompt(predictor):
+    words = " ".join(["the"] * (MAX_PROMPT_TOKENS + 1))
+    with pytest.raises(InvalidInput) as caught:
+        predictor.service.run(validate_request({"prompt": words, **FAST}))
+    assert caught.value.field == "prompt"
+    seen = prompt_encoder(predictor.service.text_pipe).count_tokens(
+        parse_weighted(POSITIVE_PREFIX + words))
+    assert seen > MAX_PROMPT_TOKENS + 1  # the prefix counts
+    assert f"at most {MAX_PROMPT_TOKENS} tokens" in str(caught.value)
+    assert f"got {seen}" in str(caught.value)
+
+
+def test_an_over_limit_negative_prompt_is_refused_naming_it(predictor):
+    words = " ".join(["the"] * MAX_PROMPT_TOKENS)
+    with pytest.raises(InvalidInput, match="`negative_prompt` must be at most"):
+        predictor.service.run(validate_request({"prompt": "a", "negative_prompt": words,
+                                                **FAST}))
+
+
+def test_both_adapters_turn_the_refusal_into_their_errors(predictor, monkeypatch):
+    words = " ".join(["the"] * (MAX_PROMPT_TOKENS + 1))
+    monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
+    answer = runpod_adapter.handler({"id": "j", "input": {"prompt": words, **FAST}})
+    assert set(answer) == {"error"} and "`prompt`" in answer["error"]
+    with pytest.raises(InvalidInput, match="`prompt` must be at most"):
+        predictor.predict(prompt=words, **FAST)
+
+
+def test_prompt_tokens_are_reported(predictor, monkeypatch):
+    text_pipe = predictor.service.text_pipe
+    expected = {"prompt": count_tokens(text_pipe, POSITIVE_PREFIX + "a knight"),
+                "negative_prompt": count_tokens(text_pipe, NEGATIVE_PREFIX + "blurry")}
+    assert expected["prompt"] > count_tokens(text_pipe, "a knight")  # the prefix counts
+    request = validate_request({"prompt": "a knight", "negative_prompt": "blurry", **FAST})
+    assert predictor.service.run(request).report()["prompt_tokens"] == expected
+    monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
+    answer = runpod_adapter.handler({"id": "j", "input": {
+        "prompt": "a knight", "negative_prompt": "blurry", **FAST}})
+    assert answer["prompt_tokens"] == expected
