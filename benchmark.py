@@ -36,7 +36,7 @@ from benchmark_report import (
     summarize,
     write_report,
 )
-from pipeline.schema import MAX_SEED, REQUEST_FIELDS, RESOLUTION_PRESETS, check_field
+from pipeline.schema import MAX_SEED, RESOLUTION_PRESETS, Inputs, check_field
 
 DEFAULT_API_BASE = "https://api.runpod.ai/v2"
 DEFAULT_PROMPT = "a confident woman in a business suit, professional lighting"
@@ -240,12 +240,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
     for flag, value in (("--timeout", args.timeout), ("--poll-interval", args.poll_interval)):
         if not value > 0:
             parser.error(f"{flag} must be more than 0, got {value:g}")
-    specs = {spec.name: spec for spec in REQUEST_FIELDS}
-    for name in ("steps", "cfg"):
+    for spec in (Inputs.steps, Inputs.cfg):
         try:
-            check_field(specs[name], getattr(args, name))
+            check_field(spec, getattr(args, spec.name))
         except ValueError as error:
-            parser.error(f"--{name}: {error}")
+            parser.error(f"--{spec.name}: {error}")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     if args.seed < 0 or args.seed + args.count - 1 > MAX_SEED:

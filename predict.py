@@ -8,18 +8,24 @@ class through `Predictor.generate`.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
-from typing import Any
 
 from cog import BaseModel, BasePredictor, Input, Path
 
-from pipeline.errors import InvalidInput
-from pipeline.output import EXTENSIONS, encode_image
-from pipeline.schema import Request, payload_from_cog, validate_request
-from pipeline.schema import cog_input_kwargs as spec
+from pipeline.output import encode_image
+from pipeline.schema import (
+    OUTPUT_FORMATS,
+    UPLOAD_DESCRIPTION,
+    Inputs,
+    OutputInputs,
+    Request,
+    is_omitted,
+    payload_from_cog,
+    validate_request,
+)
 from pipeline.service import CharacterService, Progress, Result
+from pipeline.settings import Settings, set_offline_defaults
 
 
 class Output(BaseModel):
@@ -30,12 +36,17 @@ class Output(BaseModel):
     height: int
     timings: dict
     face_swap: dict | None = None
+    prompt_tokens: dict | None = None
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        self.service = CharacterService.load()
-        self.warm_up_seconds = self.service.warm_up()
+        # Read and validated once: a bad value stops setup naming the variable.
+        self.settings = Settings.from_env()
+        set_offline_defaults()
+        self.service = CharacterService.load(settings=self.settings)
+        self.warm_up_stages = self.service.warm_up()
+        self.warm_up_seconds = sum(self.warm_up_stages.values())
         self._output_dir = Path(tempfile.mkdtemp(prefix="cog-output-"))
 
     def generate(self, request: Request, progress: Progress | None = None) -> Result:
@@ -44,32 +55,34 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        prompt: str = Input(**spec("prompt")),
-        negative_prompt: str = Input(**spec("negative_prompt")),
-        width: int = Input(**spec("width")),
-        height: int = Input(**spec("height")),
-        steps: int = Input(**spec("steps")),
-        cfg: float = Input(**spec("cfg")),
-        seed: int | None = Input(**spec("seed")),
-        image_url: str | None = Input(**spec("image_url")),
-        image: Path | None = Input(default=None, description="Face reference image, uploaded. "
-                                   "Enables face swap; give this or image_url, not both."),
-        face_description: str = Input(**spec("face_description")),
-        face_index: int | None = Input(**spec("face_index")),
-        target_description: str = Input(**spec("target_description")),
-        target_index: int | None = Input(**spec("target_index")),
-        require_face_swap: bool = Input(**spec("require_face_swap")),
-        output_format: str = Input(**spec("output_format")),
-        output_quality: int = Input(**spec("output_quality")),
+        prompt: str = Input(**Inputs.prompt.cog()),
+        negative_prompt: str = Input(**Inputs.negative_prompt.cog()),
+        width: int = Input(**Inputs.width.cog()),
+        height: int = Input(**Inputs.height.cog()),
+        steps: int = Input(**Inputs.steps.cog()),
+        cfg: float = Input(**Inputs.cfg.cog()),
+        seed: int | None = Input(**Inputs.seed.cog()),
+        image_url: str | None = Input(**Inputs.image_url.cog()),
+        image: Path | None = Input(default=None, description=UPLOAD_DESCRIPTION),
+        face_description: str = Input(**Inputs.face_description.cog()),
+        face_index: int | None = Input(**Inputs.face_index.cog()),
+        target_description: str = Input(**Inputs.target_description.cog()),
+        target_index: int | None = Input(**Inputs.target_index.cog()),
+        require_face_swap: bool = Input(**Inputs.require_face_swap.cog()),
+        output_format: str = Input(**OutputInputs.format.cog()),
+        output_quality: int = Input(**OutputInputs.quality.cog()),
     ) -> Output:
-        inputs: dict[str, Any] = dict(locals())
-        del inputs["self"]
-        upload = inputs.pop("image")
-        request = validate_request(payload_from_cog(inputs))
-        if upload is not None and not _is_omitted(upload):
-            if request.image_url is not None:
-                raise InvalidInput("image", "give either image or image_url, not both")
-            request = dataclasses.replace(request, image_path=str(upload))
+        # By Cog name; payload_from_cog refuses a dict that misses one of the schema's inputs.
+        payload = payload_from_cog({
+            "prompt": prompt, "negative_prompt": negative_prompt, "width": width,
+            "height": height, "steps": steps, "cfg": cfg, "seed": seed, "image_url": image_url,
+            "face_description": face_description, "face_index": face_index,
+            "target_description": target_description, "target_index": target_index,
+            "require_face_swap": require_face_swap, "output_format": output_format,
+            "output_quality": output_quality,
+        })
+        upload = None if image is None or is_omitted(image) else str(image)
+        request = validate_request(payload, upload=upload)
         result = self.generate(request)
         return self._output(result, request)
 
@@ -78,13 +91,10 @@ class Predictor(BasePredictor):
         shutil.rmtree(self._output_dir, ignore_errors=True)
         self._output_dir.mkdir(parents=True)
         fmt = request.output.format
-        path = self._output_dir / f"output.{EXTENSIONS[fmt]}"
+        path = self._output_dir / f"output.{OUTPUT_FORMATS[fmt].extension}"
         path.write_bytes(encode_image(result.image, fmt, request.output.quality))
         report = result.report()
         return Output(image=Path(path), seed=report["seed"], mode=report["mode"],
                       width=report["width"], height=report["height"],
-                      timings=report["timings"], face_swap=report.get("face_swap"))
-
-
-def _is_omitted(value: Any) -> bool:
-    return type(value).__name__ == "FieldInfo"
+                      timings=report["timings"], face_swap=report.get("face_swap"),
+                      prompt_tokens=report.get("prompt_tokens"))

@@ -13,14 +13,14 @@ Run locally: `python runpod_adapter.py --test_input '{"input": {"prompt": "..."}
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
 from pipeline.device import is_out_of_memory
 from pipeline.errors import PipelineError
-from pipeline.output import encode_for_response, resolve_volume_dir
+from pipeline.output import encode_for_response
 from pipeline.schema import validate_request
+from pipeline.settings import Settings
 
 log = logging.getLogger("runpod_adapter")
 
@@ -43,13 +43,9 @@ def get_predictor() -> Any:
     return _predictor
 
 
-def _on_runpod() -> bool:
+def _progress_reporter(job: dict, settings: Settings) -> Any:
     # The SDK only has an endpoint to post progress to when it runs on RunPod.
-    return os.environ.get("RUNPOD_WEBHOOK_GET_JOB") is not None
-
-
-def _progress_reporter(job: dict) -> Any:
-    if not _on_runpod():
+    if not settings.on_runpod:
         return None
     import runpod
 
@@ -60,12 +56,15 @@ def handler(job: dict) -> dict:
     """RunPod handler: `{"id", "input"}` in, a JSON dict out (or `{"error": ...}`)."""
     started = time.perf_counter()
     try:
-        request = validate_request(job.get("input"))
-        if request.output.save_to_volume:
-            resolve_volume_dir(request.output.volume_path)  # refuse before any GPU work
-        result = get_predictor().generate(request, _progress_reporter(job))
+        predictor = get_predictor()
+        settings = predictor.settings  # read once, at start-up
+        # The volume folder is resolved here too: an escape is refused before any GPU work.
+        request = validate_request(job.get("input"), volume_root=settings.volume_root)
+        result = predictor.generate(request, _progress_reporter(job, settings))
         encode_started = time.perf_counter()
-        image_fields = encode_for_response(result.image, request.output, result.seed)
+        image_fields = encode_for_response(
+            result.image, request.output, result.seed, volume_root=settings.volume_root,
+            response_limit=settings.response_limit_bytes)
         result.timings["encode"] = time.perf_counter() - encode_started
         return {"status": "success", **result.report(), **image_fields,
                 "duration_seconds": round(time.perf_counter() - started, 3)}
@@ -86,7 +85,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     predictor = get_predictor()
-    log.info("models loaded; warm-up generation took %.2f s", predictor.warm_up_seconds)
+    log.info("models loaded; warm-up took %.2f s (%s)", predictor.warm_up_seconds,
+             ", ".join(f"{k} {v:.2f} s" for k, v in predictor.warm_up_stages.items()))
     runpod.serverless.start({"handler": handler,
                              "concurrency_modifier": lambda _current: MAX_CONCURRENCY})
 

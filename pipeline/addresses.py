@@ -2,17 +2,15 @@
 
 Refused: private, loopback, link-local, multicast, reserved, unspecified, carrier-grade NAT and
 cloud-metadata addresses, IPv4 and IPv6, including IPv4 embedded in IPv4-mapped, 6to4 and NAT64
-addresses. `PIPELINE_ALLOW_LOOPBACK_URLS=1` allows loopback (only that) for local tests.
+addresses. Callers may pass `allow_loopback=True` (tests that serve images on 127.0.0.1 do);
+there is no environment switch: an SSRF guard must not have an off switch in production.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 
 from pipeline.errors import ImageInputError, shorten
-
-ALLOW_LOOPBACK_ENV = "PIPELINE_ALLOW_LOOPBACK_URLS"
 
 # Addresses of instance-metadata services (AWS, GCP, Azure, OpenStack, ECS/EKS, Alibaba, Oracle).
 _METADATA = frozenset(ipaddress.ip_address(a) for a in (
@@ -44,11 +42,6 @@ _V6_RULES = tuple((ipaddress.ip_network(net), kind) for net, kind in (
 ))
 _GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def loopback_allowed() -> bool:
-    """Whether `PIPELINE_ALLOW_LOOPBACK_URLS` switches loopback URLs on (tests only)."""
-    return os.environ.get(ALLOW_LOOPBACK_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
 def _category(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +17,10 @@ class Runtime:
         return self.device.type == "cuda"
 
 
-def pick_runtime() -> Runtime:
-    """CUDA + fp16 when available; `PIPELINE_DEVICE=cpu` forces the CPU (fp32: fp16 on CPU is slow
-    and lacks kernels)."""
-    wanted = os.environ.get("PIPELINE_DEVICE", "").strip().lower()
-    if wanted != "cpu" and torch.cuda.is_available():
+def pick_runtime(force_cpu: bool = False) -> Runtime:
+    """CUDA + fp16 when available; `force_cpu` (`PIPELINE_DEVICE=cpu`) runs on the CPU (fp32:
+    fp16 on CPU is slow and lacks kernels)."""
+    if not force_cpu and torch.cuda.is_available():
         return Runtime(torch.device("cuda"), torch.float16)
     return Runtime(torch.device("cpu"), torch.float32)
 

@@ -18,7 +18,6 @@ then larger first (`order_faces`); indices in requests and reports refer to that
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from PIL import Image, ImageDraw
 from pipeline.errors import InvalidInput, ProviderUnavailable, shorten
 from pipeline.layout import Layout
 from pipeline.segment import load_sam, sam_embed
+from pipeline.settings import environment_kept, set_offline_defaults
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,12 @@ def face_model_files(layout: Layout) -> list[Path]:
 
 def yolo_class() -> type:
     """ultralytics' `YOLO`, imported offline and without its import-time side effect: it sets
-    OMP_NUM_THREADS=1 in os.environ when unset (for training), and every process started after
+    OMP_NUM_THREADS=1 in the process environment when unset (for training), and every process started after
     that (our servers in tests and benchmarks) inherited one CPU thread."""
     # ultralytics checks connectivity (DNS lookups) at import unless told it is offline
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    omp_threads = os.environ.get("OMP_NUM_THREADS")
-    from ultralytics import YOLO
-
-    if omp_threads is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
+    set_offline_defaults()
+    with environment_kept("OMP_NUM_THREADS"):
+        from ultralytics import YOLO
     return YOLO
 
 

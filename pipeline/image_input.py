@@ -270,10 +270,12 @@ def _is_url(text: str) -> bool:
 
 
 def load_reference_image(*, url: str | None = None, path: str | Path | None = None,
-                         resolve: Resolver | None = None) -> Image.Image:
+                         resolve: Resolver | None = None,
+                         allow_loopback: bool = False) -> Image.Image:
     """The reference image as RGB, from `image_url` (http(s) or data: URI) or the `image` upload.
 
-    `resolve(host, port) -> [ip, ...]` replaces the system resolver (tests). Raises
+    `resolve(host, port) -> [ip, ...]` replaces the system resolver and `allow_loopback` lets
+    127.0.0.1 through (both for tests only). Raises
     ImageInputError with field "image_url" or "image".
     """
     if url is not None and path is not None:
@@ -290,5 +292,5 @@ def load_reference_image(*, url: str | None = None, path: str | Path | None = No
     if source[:5].lower() == "data:":
         got = read_data_uri(source, field=field)
     else:
-        got = fetch(source, field=field, resolve=resolve)
+        got = fetch(source, field=field, resolve=resolve, allow_loopback=allow_loopback)
     return decode_image(got.data, field, content_type=got.content_type)

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import NoFaceFound, WeightsMissing, shorten
+from pipeline.errors import NoFaceFound, PickerFailure, WeightsMissing, shorten
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,6 @@ class Sheet:
     def image_tokens(self) -> int:
         """Vision tokens Qwen2.5-VL spends on the sheet (its sides are multiples of 28 px)."""
         return (self.image.width // PATCH) * (self.image.height // PATCH)
-
-
-class PickerFailure(RuntimeError):
-    """Why the model could not answer; turned into a largest-face fallback by `pick`."""
 
 
 def box_area(box: Box) -> float:

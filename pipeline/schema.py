@@ -1,18 +1,27 @@
-"""The one request schema: every field, its type, default, limits and meaning, declared once.
+"""The one request schema: every field, its type, default and limits, declared once.
 
-The Cog signature (`predict.py`), the RunPod validation (`runpod_adapter.py`), the OpenAPI schema
-file and the benchmark presets all read this module. It is plain Python (no torch) so that
-`benchmark.py` can import it with only `requests` installed.
+Each field is one `FieldSpec`, an attribute of a read-only namespace: `Inputs.width`,
+`OutputInputs.format` (cog-flux's habit: a misspelt field is an AttributeError at import).
+Everything else reads them: the Cog signature (`predict.py`, `Input(**Inputs.width.cog())`), the
+`Request`/`OutputOptions` dataclasses (whose defaults are the specs'), the RunPod validation
+(`runpod_adapter.py`), the OpenAPI schema file and the benchmark. The output formats are one
+table, `OUTPUT_FORMATS`. It is plain Python (no torch) so that `benchmark.py` can import it with
+only `requests` installed.
 
-`validate_request(payload)` takes a RunPod-style dict (`output` nested) and returns a frozen
-`Request`, or raises one `InvalidInput` naming the field, the rule and the value.
+`validate_request(payload, upload=..., volume_root=...)` takes a RunPod-style dict (`output`
+nested) and returns a frozen `Request`, or raises one `InvalidInput` naming the field, the rule
+and the value. The adapters only translate: Cog flattens `output.*` and may add an upload
+(`payload_from_cog`, `upload=`), RunPod passes its volume root.
 """
 
 from __future__ import annotations
 
 import math
 import unicodedata
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import KW_ONLY, MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from pipeline.errors import InvalidInput, shorten
@@ -26,9 +35,13 @@ MAX_DESCRIPTION_CHARS = 300
 # A data: URI carries the image itself; its decoded size is bounded again in image_input.
 MAX_IMAGE_URL_CHARS = 28 * 1024 * 1024
 MAX_VOLUME_PATH_CHARS = 200
+MAX_FOLDER_NAME_BYTES = 255  # a folder name longer than this fails on every common filesystem
 MAX_FACE_INDEX = 63
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# The Cog-only upload input (RunPod payloads cannot carry files); it becomes `Request.image_path`.
+UPLOAD = "image"
+UPLOAD_DESCRIPTION = ("Face reference image, uploaded. Enables face swap; give this or "
+                      "image_url, not both.")
 
 # Benchmark resolution presets (name -> (width, height)), from SPEC's benchmark section.
 RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
@@ -41,13 +54,30 @@ RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
 
 
 @dataclass(frozen=True)
-class FieldSpec:
-    """One request field: its JSON type, default and limits."""
+class Format:
+    """An output format: what the response calls it and what a saved file is named."""
 
-    name: str
+    media_type: str
+    extension: str
+
+
+# The one format table: `output.format`'s choices, media types and file extensions.
+OUTPUT_FORMATS: Mapping[str, Format] = MappingProxyType({
+    "png": Format("image/png", "png"),
+    "jpeg": Format("image/jpeg", "jpg"),
+    "webp": Format("image/webp", "webp"),
+})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One request field: its JSON type, default and limits. `name` is the attribute name in its
+    namespace (`Inputs`, `OutputInputs`), filled in there."""
+
     kind: type  # str, int, float or bool
     default: Any
     description: str
+    _: KW_ONLY
     ge: float | None = None
     le: float | None = None
     multiple_of: int | None = None
@@ -56,85 +86,177 @@ class FieldSpec:
     min_length: int | None = None
     nullable: bool = False
     cog_name: str | None = None  # the Cog input name, when it differs (flattened `output.*`)
+    runpod_only: bool = False  # no Cog input (Cog returns the file itself)
+    cog_max_length: bool = True  # False: Cog is not told max_length (image_url: data: URIs)
+    # A last rule after the type and limits: (value, dotted name) -> the value kept.
+    refine: Callable[[Any, str], Any] | None = None
+    name: str = ""
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    @property
+    def cog_key(self) -> str:
+        """The Cog input's name."""
+        return self.cog_name or self.name
 
-REQUEST_FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("prompt", str, REQUIRED, "Character description.",
-              min_length=1, max_length=MAX_PROMPT_CHARS),
-    FieldSpec("negative_prompt", str, "", "What to avoid.", max_length=MAX_PROMPT_CHARS),
-    FieldSpec("width", int, 832, "Image width in pixels (a multiple of 8).",
-              ge=SIZE_MIN, le=SIZE_MAX, multiple_of=SIZE_MULTIPLE),
-    FieldSpec("height", int, 1216, "Image height in pixels (a multiple of 8).",
-              ge=SIZE_MIN, le=SIZE_MAX, multiple_of=SIZE_MULTIPLE),
-    FieldSpec("steps", int, 35, "Sampling steps.", ge=1, le=100),
-    FieldSpec("cfg", float, 2.0, "Classifier-free guidance scale.", ge=0.0, le=20.0),
-    FieldSpec("seed", int, None, "Seed for reproducible output; random when omitted. "
-              "The seed used is always returned.", ge=0, le=MAX_SEED, nullable=True),
-    FieldSpec("image_url", str, None, "Face reference image: an http(s) URL or a data: URI. "
-              "Enables face swap.", nullable=True, max_length=MAX_IMAGE_URL_CHARS),
-    FieldSpec("face_description", str, "", "Which face of the reference to use, in words "
-              "(e.g. 'the woman on the left'); empty means the largest face.",
-              max_length=MAX_DESCRIPTION_CHARS),
-    FieldSpec("face_index", int, None, "Which face of the reference to use, 0-based in the "
-              "order the response reports; overrides face_description.",
-              ge=0, le=MAX_FACE_INDEX, nullable=True),
-    FieldSpec("target_description", str, "", "Which face of the generated scene receives the "
-              "identity, in words; empty means the largest face.",
-              max_length=MAX_DESCRIPTION_CHARS),
-    FieldSpec("target_index", int, None, "Which face of the generated scene receives the "
-              "identity, 0-based in the order the response reports.",
-              ge=0, le=MAX_FACE_INDEX, nullable=True),
-    FieldSpec("require_face_swap", bool, False, "Fail the request instead of returning the "
-              "text-mode image when the swap cannot be applied."),
-)
+    def cog(self) -> dict[str, Any]:
+        """Keyword arguments for `cog.Input(...)`: `Input(**Inputs.width.cog())`."""
+        kwargs: dict[str, Any] = {"description": self.description}
+        if not self.required:
+            kwargs["default"] = self.default
+        for key in ("ge", "le", "max_length"):
+            value = getattr(self, key)
+            if value is not None:
+                kwargs[key] = value
+        if self.choices is not None:
+            kwargs["choices"] = list(self.choices)
+        if not self.cog_max_length:
+            kwargs.pop("max_length", None)
+        return kwargs
 
-OUTPUT_FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("include_base64", bool, True, "Return the image as base64 (RunPod).",
-              cog_name="include_base64"),
-    FieldSpec("save_to_volume", bool, False, "Save the image on the network volume (RunPod).",
-              cog_name="save_to_volume"),
-    FieldSpec("volume_path", str, "outputs", "Folder under the volume root for saved images.",
-              min_length=1, max_length=MAX_VOLUME_PATH_CHARS, cog_name="volume_path"),
-    FieldSpec("format", str, "png", "Image format.", choices=OUTPUT_FORMATS,
-              cog_name="output_format"),
-    FieldSpec("quality", int, 95, "JPEG/WebP quality (PNG is lossless and ignores it).",
-              ge=1, le=100, cog_name="output_quality"),
-)
 
-# Output options that only make sense on RunPod (Cog returns the file itself).
-RUNPOD_ONLY_OUTPUT = ("include_base64", "save_to_volume", "volume_path")
+class _SpecNamespace(type):
+    """Metaclass of the field namespaces: each `FieldSpec` attribute is named after itself, the
+    class iterates over them in declaration order, and nothing can be set or deleted later."""
+
+    def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any]):
+        specs = {key: replace(value, name=key) for key, value in namespace.items()
+                 if isinstance(value, FieldSpec)}
+        return super().__new__(mcs, name, bases,
+                               {**namespace, **specs, "_specs": tuple(specs.values())})
+
+    def __iter__(cls) -> Iterator[FieldSpec]:
+        return iter(cls._specs)
+
+    def __len__(cls) -> int:
+        return len(cls._specs)
+
+    def __setattr__(cls, key: str, value: Any) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only (the schema is declared once)")
+
+    def __delattr__(cls, key: str) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only (the schema is declared once)")
+
+
+def _blank_is_none(value: str, name: str) -> str | None:
+    # An empty string means "no reference", as the endpoint we replace did.
+    return value if value.strip() else None
+
+
+def check_volume_path(volume_path: str, name: str = "output.volume_path") -> str:
+    """The lexical rules of `output.volume_path` (no filesystem access): a relative folder,
+    no `..`, no NUL, no folder name over 255 bytes."""
+    if "\x00" in volume_path:
+        raise InvalidInput(name, "must not contain NUL bytes")
+    if Path(volume_path).is_absolute() or volume_path.startswith(("/", "\\", "~")):
+        raise InvalidInput(name, f"must be a relative folder under the volume, got "
+                                 f"{shorten(volume_path)}")
+    if ".." in volume_path.replace("\\", "/").split("/"):
+        raise InvalidInput(name, f"must not contain '..', got {shorten(volume_path)}")
+    if any(len(part.encode()) > MAX_FOLDER_NAME_BYTES for part in Path(volume_path).parts):
+        raise InvalidInput(name, f"has a folder name longer than {MAX_FOLDER_NAME_BYTES} bytes")
+    return volume_path
+
+
+def resolve_volume_dir(volume_path: str, root: Path) -> Path:
+    """The folder under the volume `root` (`Settings.volume_root`) that `output.volume_path`
+    names, links followed; refuse escapes. `pipeline.output` writes there."""
+    field_name = "output.volume_path"
+    root = Path(root).resolve()
+    target = (root / check_volume_path(volume_path, field_name)).resolve()
+    if target != root and root not in target.parents:
+        raise InvalidInput(field_name, f"resolves outside the volume (a link leading out?): "
+                                       f"{shorten(volume_path)}")
+    return target
+
+
+class Inputs(metaclass=_SpecNamespace):
+    """The request's top-level fields (RunPod's `input`, Cog's inputs), in Cog's order."""
+
+    prompt = FieldSpec(str, REQUIRED, "Character description.",
+                       min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt = FieldSpec(str, "", "What to avoid.", max_length=MAX_PROMPT_CHARS)
+    width = FieldSpec(int, 832, "Image width in pixels (a multiple of 8).",
+                      ge=SIZE_MIN, le=SIZE_MAX, multiple_of=SIZE_MULTIPLE)
+    height = FieldSpec(int, 1216, "Image height in pixels (a multiple of 8).",
+                       ge=SIZE_MIN, le=SIZE_MAX, multiple_of=SIZE_MULTIPLE)
+    steps = FieldSpec(int, 35, "Sampling steps.", ge=1, le=100)
+    cfg = FieldSpec(float, 2.0, "Classifier-free guidance scale.", ge=0.0, le=20.0)
+    seed = FieldSpec(int, None, "Seed for reproducible output; random when omitted. "
+                     "The seed used is always returned.", ge=0, le=MAX_SEED, nullable=True)
+    image_url = FieldSpec(str, None, "Face reference image: an http(s) URL or a data: URI. "
+                          "Enables face swap.", nullable=True, max_length=MAX_IMAGE_URL_CHARS,
+                          cog_max_length=False, refine=_blank_is_none)
+    face_description = FieldSpec(str, "", "Which face of the reference to use, in words "
+                                 "(e.g. 'the woman on the left'); empty means the largest face.",
+                                 max_length=MAX_DESCRIPTION_CHARS)
+    face_index = FieldSpec(int, None, "Which face of the reference to use, 0-based in the "
+                           "order the response reports; overrides face_description.",
+                           ge=0, le=MAX_FACE_INDEX, nullable=True)
+    target_description = FieldSpec(str, "", "Which face of the generated scene receives the "
+                                    "identity, in words; empty means the largest face.",
+                                    max_length=MAX_DESCRIPTION_CHARS)
+    target_index = FieldSpec(int, None, "Which face of the generated scene receives the "
+                             "identity, 0-based in the order the response reports.",
+                             ge=0, le=MAX_FACE_INDEX, nullable=True)
+    require_face_swap = FieldSpec(bool, False, "Fail the request instead of returning the "
+                                  "text-mode image when the swap cannot be applied.")
+
+
+class OutputInputs(metaclass=_SpecNamespace):
+    """The `output` object's fields (Cog: flat, `output_format` and `output_quality` only)."""
+
+    include_base64 = FieldSpec(bool, True, "Return the image as base64 (RunPod).",
+                               runpod_only=True)
+    save_to_volume = FieldSpec(bool, False, "Save the image on the network volume (RunPod).",
+                               runpod_only=True)
+    volume_path = FieldSpec(str, "outputs", "Folder under the volume root for saved images.",
+                            min_length=1, max_length=MAX_VOLUME_PATH_CHARS, runpod_only=True,
+                            refine=check_volume_path)
+    format = FieldSpec(str, "png", "Image format.", choices=tuple(OUTPUT_FORMATS),
+                       cog_name="output_format")
+    quality = FieldSpec(int, 95, "JPEG/WebP quality (PNG is lossless and ignores it).",
+                        ge=1, le=100, cog_name="output_quality")
+
+
+REQUEST_FIELDS: tuple[FieldSpec, ...] = tuple(Inputs)
+OUTPUT_FIELDS: tuple[FieldSpec, ...] = tuple(OutputInputs)
+# The fields Cog exposes as inputs, flat, in its order (RunPod-only output options left out).
+COG_FIELDS: tuple[FieldSpec, ...] = (*REQUEST_FIELDS,
+                                     *(spec for spec in OUTPUT_FIELDS if not spec.runpod_only))
 
 
 @dataclass(frozen=True)
 class OutputOptions:
-    include_base64: bool = True
-    save_to_volume: bool = False
-    volume_path: str = "outputs"
-    format: str = "png"
-    quality: int = 95
+    """Validated `output` options; each default is its `OutputInputs` spec's."""
+
+    include_base64: bool = OutputInputs.include_base64.default
+    save_to_volume: bool = OutputInputs.save_to_volume.default
+    volume_path: str = OutputInputs.volume_path.default
+    format: str = OutputInputs.format.default
+    quality: int = OutputInputs.quality.default
 
 
 @dataclass(frozen=True)
 class Request:
-    """A validated request: every field typed, defaults filled in (seed may still be None)."""
+    """A validated request: every field typed, defaults (the `Inputs` specs') filled in; seed
+    may still be None."""
 
     prompt: str
-    negative_prompt: str = ""
-    width: int = 832
-    height: int = 1216
-    steps: int = 35
-    cfg: float = 2.0
-    seed: int | None = None
-    image_url: str | None = None
-    face_description: str = ""
-    face_index: int | None = None
-    target_description: str = ""
-    target_index: int | None = None
-    require_face_swap: bool = False
+    negative_prompt: str = Inputs.negative_prompt.default
+    width: int = Inputs.width.default
+    height: int = Inputs.height.default
+    steps: int = Inputs.steps.default
+    cfg: float = Inputs.cfg.default
+    seed: int | None = Inputs.seed.default
+    image_url: str | None = Inputs.image_url.default
+    face_description: str = Inputs.face_description.default
+    face_index: int | None = Inputs.face_index.default
+    target_description: str = Inputs.target_description.default
+    target_index: int | None = Inputs.target_index.default
+    require_face_swap: bool = Inputs.require_face_swap.default
     output: OutputOptions = field(default_factory=OutputOptions)
     # A Cog upload (a local file); RunPod payloads cannot carry files and never set it.
     image_path: str | None = None
@@ -142,6 +264,20 @@ class Request:
     @property
     def wants_face_swap(self) -> bool:
         return self.image_url is not None or self.image_path is not None
+
+
+def _assert_mirrors(cls: type, specs: tuple[FieldSpec, ...], extra: tuple[str, ...]) -> None:
+    """A dataclass holds exactly its specs' fields, in order, with their defaults."""
+    own = [f for f in fields(cls) if f.name not in extra]
+    if [f.name for f in own] != [spec.name for spec in specs]:
+        raise TypeError(f"{cls.__name__}'s fields are not its specs'")
+    for f, spec in zip(own, specs, strict=True):
+        if not ((f.default is MISSING) if spec.required else f.default == spec.default):
+            raise TypeError(f"{cls.__name__}.{f.name}'s default is not its spec's")
+
+
+_assert_mirrors(OutputOptions, OUTPUT_FIELDS, ())
+_assert_mirrors(Request, REQUEST_FIELDS, ("output", "image_path"))
 
 
 def _check_number(spec: FieldSpec, name: str, value: Any) -> int | float:
@@ -195,13 +331,11 @@ def check_field(spec: FieldSpec, value: Any, name: str | None = None) -> Any:
         if not isinstance(value, bool):
             raise InvalidInput(name, f"must be true or false, got {_type_name(value)} "
                                      f"{shorten(value)}")
-        return value
-    if spec.kind in (int, float):
-        return _check_number(spec, name, value)
-    value = _check_text(spec, name, value)
-    if spec.name == "image_url" and not value.strip():
-        return None  # an empty string means "no reference", as the endpoint we replace did
-    return value
+    elif spec.kind in (int, float):
+        value = _check_number(spec, name, value)
+    else:
+        value = _check_text(spec, name, value)
+    return value if spec.refine is None else spec.refine(value, name)
 
 
 def _reject_unknown(payload: dict, specs: tuple[FieldSpec, ...], prefix: str) -> None:
@@ -212,79 +346,74 @@ def _reject_unknown(payload: dict, specs: tuple[FieldSpec, ...], prefix: str) ->
         raise InvalidInput(name, f"is not a known field (known: {', '.join(sorted(known))})")
 
 
+def _check_object(value: Any, specs: tuple[FieldSpec, ...], prefix: str) -> dict[str, Any]:
+    """Every spec's value from the object `value` (its default when omitted), checked."""
+    _reject_unknown(value, specs, prefix)
+    values: dict[str, Any] = {}
+    for spec in specs:
+        if spec.name in value:
+            values[spec.name] = check_field(spec, value[spec.name], prefix + spec.name)
+        elif spec.required:
+            raise InvalidInput(prefix + spec.name, "is required")
+        else:
+            values[spec.name] = spec.default
+    return values
+
+
 def validate_output(value: Any) -> OutputOptions:
+    """The `output` object; omitted (None) and `{}` are the same request."""
     if value is None:
-        return OutputOptions()
+        value = {}
     if not isinstance(value, dict):
         raise InvalidInput("output", f"must be an object, got {_type_name(value)} "
                                      f"{shorten(value)}")
-    _reject_unknown(value, OUTPUT_FIELDS, "output.")
-    values = {spec.name: check_field(spec, value.get(spec.name, spec.default),
-                                     f"output.{spec.name}")
-              for spec in OUTPUT_FIELDS}
-    return OutputOptions(**values)
+    return OutputOptions(**_check_object(value, OUTPUT_FIELDS, "output."))
 
 
-def validate_request(payload: Any) -> Request:
-    """Validate a RunPod-style input dict; raise InvalidInput naming the first bad field."""
+def validate_request(payload: Any, *, upload: str | None = None,
+                     volume_root: Path | None = None) -> Request:
+    """Validate a RunPod-style input dict; raise InvalidInput naming the first bad field.
+
+    `upload`: the local path of a Cog upload (`image`), refused together with `image_url`.
+    `volume_root`: where `output.save_to_volume` writes (RunPod); given, the folder is resolved
+    against it now, links followed, so an escape is refused before any GPU work. The lexical
+    rules of `output.volume_path` apply always.
+    """
     if not isinstance(payload, dict):
         raise InvalidInput("input", f"must be an object, got {_type_name(payload)} "
                                     f"{shorten(payload)}")
-    _reject_unknown(payload, REQUEST_FIELDS, "")
-    values: dict[str, Any] = {}
-    for spec in REQUEST_FIELDS:
-        if spec.name not in payload:
-            if spec.required:
-                raise InvalidInput(spec.name, "is required")
-            values[spec.name] = spec.default
-            continue
-        values[spec.name] = check_field(spec, payload[spec.name])
-    values["output"] = validate_output(payload.get("output"))
-    return Request(**values)
+    values = _check_object(payload, REQUEST_FIELDS, "")
+    if upload is not None and values[Inputs.image_url.name] is not None:
+        raise InvalidInput(UPLOAD, f"must not be given together with `{Inputs.image_url.name}` "
+                                   "(give one of them), got both")
+    output = validate_output(payload.get("output"))
+    if output.save_to_volume and volume_root is not None:
+        resolve_volume_dir(output.volume_path, volume_root)
+    return Request(**values, output=output, image_path=upload)
 
 
-def request_to_payload(request: Request) -> dict[str, Any]:
-    """The inverse of validate_request: a JSON-ready dict (what the response echoes)."""
-    payload = {f.name: getattr(request, f.name) for f in fields(Request)
-               if f.name not in ("output", "image_path")}
-    payload["output"] = {f.name: getattr(request.output, f.name) for f in fields(OutputOptions)}
-    return payload
+def is_omitted(value: Any) -> bool:
+    """Whether a Cog input arrived as its `Input(...)` declaration (a `FieldInfo`): a Cog server
+    without the built image's schema passes omitted inputs that way."""
+    return type(value).__name__ == "FieldInfo"
 
 
-def cog_fields() -> list[FieldSpec]:
-    """The fields Cog exposes as inputs, flat (RunPod-only output options left out)."""
-    outputs = [spec for spec in OUTPUT_FIELDS if spec.name not in RUNPOD_ONLY_OUTPUT]
-    return [*REQUEST_FIELDS, *outputs]
-
-
-def cog_input_kwargs(name: str) -> dict[str, Any]:
-    """Keyword arguments for `cog.Input(...)` of the Cog input called `name`."""
-    spec = next(s for s in cog_fields() if (s.cog_name or s.name) == name)
-    kwargs: dict[str, Any] = {"description": spec.description}
-    if not spec.required:
-        kwargs["default"] = spec.default
-    for key in ("ge", "le", "choices", "max_length"):
-        value = getattr(spec, key)
-        if value is not None:
-            kwargs[key] = list(value) if key == "choices" else value
-    if spec.name == "image_url":
-        kwargs.pop("max_length", None)  # a data: URI is long; image_input bounds it
-    return kwargs
+_COG_SPECS = {spec.cog_key: spec for spec in COG_FIELDS}
 
 
 def payload_from_cog(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Turn Cog keyword inputs (flat) into a RunPod-style payload for validate_request.
-
-    Without a built image's schema the Cog server passes omitted inputs as their `FieldInfo`
-    declarations; those are treated as omitted so the schema's defaults apply.
-    """
-    by_cog_name = {spec.cog_name or spec.name: spec for spec in cog_fields()}
+    """Turn Cog keyword inputs (flat, by Cog name: every one of `COG_FIELDS`, as Cog passes
+    them) into a RunPod-style payload for `validate_request`; omitted inputs (`is_omitted`) are
+    left out so the defaults apply."""
+    missing = [key for key in _COG_SPECS if key not in inputs]
+    if missing:  # a predictor that forgot to pass an input on would silently use its default
+        raise TypeError(f"Cog inputs missing: {', '.join(missing)}")
     payload: dict[str, Any] = {}
     output: dict[str, Any] = {}
     for key, value in inputs.items():
-        if _is_field_info(value):
+        if is_omitted(value):
             continue
-        spec = by_cog_name.get(key)
+        spec = _COG_SPECS.get(key)
         if spec is None:
             payload[key] = value  # validate_request names it as unknown
         elif spec in OUTPUT_FIELDS:
@@ -294,10 +423,6 @@ def payload_from_cog(inputs: dict[str, Any]) -> dict[str, Any]:
     if output:
         payload["output"] = output
     return payload
-
-
-def _is_field_info(value: Any) -> bool:
-    return type(value).__name__ == "FieldInfo"
 
 
 def _kind_name(spec: FieldSpec) -> str:

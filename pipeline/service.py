@@ -7,6 +7,7 @@ the pipelines hold per-request state (adapter scales, schedulers) that must not 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import threading
@@ -17,19 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
-from pipeline.convert import ComponentCache, load_converted_text_pipeline, sdxl_files
-from pipeline.device import pick_runtime
-from pipeline.faces import load_face_models
+from pipeline.assemble import load_models
 from pipeline.faceswap import FaceSwapStage
-from pipeline.generate import GenerationParams, text_to_image
-from pipeline.identity import IdentityModels
-from pipeline.layout import Layout, weights_dir
-from pipeline.picker import FacePicker
+from pipeline.generate import GenerationParams, prompt_tokens, text_to_image
 from pipeline.residency import TEXT_UNET, UnetSwap
 from pipeline.schema import MAX_SEED, Request
+from pipeline.settings import Settings
 from pipeline.speed import COMPILE_WARM_UP_SIZES
 
 log = logging.getLogger(__name__)
@@ -37,6 +33,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 WARM_UP_SIZE, WARM_UP_STEPS = 512, 2
+WARM_UP_PROMPT = "a portrait photo of a person"
+WARM_UP_DESCRIPTION = "the person on the left"
+# A public-domain portrait (NASA's photo of astronaut Eileen Collins, as scikit-image ships it),
+# swapped at start-up with real weights; a weights tree may bring its own (Layout).
+BUNDLED_WARM_UP_FACE = Path(__file__).resolve().parent / "assets" / "warm_up_face.jpg"
 
 
 @dataclass
@@ -48,6 +49,8 @@ class Result:
     mode: str  # "text" or "face_swap"
     timings: dict[str, float] = field(default_factory=dict)
     face_swap: dict[str, Any] | None = None
+    # Tokens the model saw, prefixes included: {"prompt": n, "negative_prompt": m}.
+    prompt_tokens: dict[str, int] | None = None
 
     def report(self) -> dict[str, Any]:
         """The JSON-ready description of the result (everything but the pixels)."""
@@ -58,6 +61,8 @@ class Result:
             "height": self.image.height,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
         }
+        if self.prompt_tokens is not None:
+            report["prompt_tokens"] = self.prompt_tokens
         if self.face_swap is not None:
             report["face_swap"] = self.face_swap
         return report
@@ -83,63 +88,88 @@ def resolve_seed(request: Request) -> int:
 class CharacterService:
     """Holds the loaded models and runs requests, one at a time."""
 
-    def __init__(self, text_pipe: Any, face_swap: FaceSwapStage,
-                 residency: UnetSwap | None = None, speed: dict[str, Any] | None = None):
+    def __init__(self, text_pipe: Any, face_swap: FaceSwapStage, residency: UnetSwap,
+                 speed: dict[str, Any] | None = None,
+                 warm_up_reference: Path | None = BUNDLED_WARM_UP_FACE,
+                 settings: Settings | None = None):
         self.text_pipe = text_pipe
         self.face_swap = face_swap
         self.residency = residency
         self.speed = speed or {}  # what apply_speed_switches reported, per pipeline
+        self.warm_up_reference = warm_up_reference  # None: the warm-up skips the face path
+        self.settings = settings or Settings()
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, root: Path | None = None) -> CharacterService:
-        """Load every model from the weights folder (`$WEIGHTS_DIR` by default), offline.
+    def load(cls, root: Path | None = None, settings: Settings | None = None
+             ) -> CharacterService:
+        """Load every model (`pipeline.assemble.load_models`) from `settings.weights_dir`, or
+        `root` when given; `settings` defaults to `Settings.from_env()`, read once here."""
+        settings = settings or Settings.from_env()
+        if root is not None:
+            settings = dataclasses.replace(settings, weights_dir=Path(root))
+        models = load_models(settings)
+        reference = models.layout.warm_up_reference
+        return cls(models.text_pipe, FaceSwapStage(models.faces, models.identity, models.picker),
+                   models.residency, models.speed,
+                   reference if reference.exists() else BUNDLED_WARM_UP_FACE, settings)
 
-        The SDXL checkpoints come from their build-time conversion (`pipeline.convert`; single
-        file as fallback), components both share loaded once; the speed switches go on after
-        every adapter is installed; on a GPU under 28 GiB the two UNets take turns
-        (`pipeline.residency`)."""
-        layout = Layout(root or weights_dir())
-        layout.check_present(sdxl_files(layout, "cyberrealistic"))
-        runtime = pick_runtime()
-        started = time.perf_counter()
-        # The picker first: llama.cpp reserves its vision buffers before the SDXL pipelines
-        # take their share of the GPU (docs/picker.md).
-        picker = FacePicker.load(layout, n_gpu_layers=-1 if runtime.is_cuda else 0)
-        cache: ComponentCache = {}
-        text_pipe = load_converted_text_pipeline(layout, runtime, cache=cache)
-        residency = UnetSwap.for_runtime(runtime)
-        face_models = load_face_models(layout, runtime.device)
-        identity = IdentityModels.load(layout, runtime, text_pipe, cache=cache,
-                                       residency=residency)
-        residency.use(TEXT_UNET)
-        log.info("models loaded in %.1f s on %s (%d CPU threads); speed switches: %s",
-                 time.perf_counter() - started, runtime.device, torch.get_num_threads(),
-                 identity.speed)
-        return cls(text_pipe, FaceSwapStage(face_models, identity, picker), residency,
-                   identity.speed)
+    def warm_up(self) -> dict[str, float]:
+        """Run every path once so the first real request pays no lazy initialisation (cuDNN
+        autotune, onnxruntime, YOLO, SAM, CLIP, InstantID, the picker's vision encoder); returns
+        the seconds of each warm-up stage, also logged.
 
-    def warm_up(self) -> float:
-        """Small generations so the first real request does not pay for lazy initialisation;
-        with `torch.compile` on, also one at each of `COMPILE_WARM_UP_SIZES`, whose seconds
-        (mostly compilation) are logged and kept in `speed["text"]["compile"]`. The refine
-        pipe compiles at the first face request."""
+        Text: a small generation; with `torch.compile` on, also one at each of
+        `COMPILE_WARM_UP_SIZES`, whose seconds (mostly compilation) are kept in
+        `speed["text"]["compile"]`. Face: the reference stages on `warm_up_reference`, one
+        picker call on two of its boxes, a small generation with the identity priors, then the
+        swap onto the reference photo itself (its face is the target: YOLO, SAM, InstantID at the
+        recipe's working size, two sampler steps). A failure here fails start-up: a worker whose
+        face path cannot run must not take face requests."""
         sizes = [(WARM_UP_SIZE, WARM_UP_SIZE)]
         compile_report = self.speed.get("text", {}).get("compile", {})
         if compile_report.get("applied"):
             sizes += list(COMPILE_WARM_UP_SIZES)
-        start = time.perf_counter()
+        stages = Timings()
         with self._lock:
-            self._use_text_unet()
             for width, height in sizes:
                 started = time.perf_counter()
-                text_to_image(self.text_pipe, GenerationParams(
-                    "warm-up", "", width, height, WARM_UP_STEPS, 2.0, 0))
+                with stages.stage("text"), self.residency.holding(TEXT_UNET):
+                    text_to_image(self.text_pipe, GenerationParams(
+                        "warm-up", "", width, height, WARM_UP_STEPS, 2.0, 0))
                 if compile_report.get("applied"):
                     seconds = round(time.perf_counter() - started, 2)
                     compile_report.setdefault("warm_up_seconds", {})[f"{width}x{height}"] = seconds
                     log.info("warm-up %dx%d with torch.compile: %.1f s", width, height, seconds)
-        return time.perf_counter() - start
+            if self.warm_up_reference is not None:
+                self._warm_up_face(stages)
+            self.residency.use(TEXT_UNET)  # serving starts where text requests expect it
+        for stage, seconds in stages.items():
+            log.info("warm-up %s: %.2f s", stage, seconds)
+        return dict(stages)
+
+    def _warm_up_face(self, stages: Timings) -> None:
+        from pipeline.image_input import load_reference_image
+
+        stage = self.face_swap
+        image = load_reference_image(path=str(self.warm_up_reference))
+        with stages.stage("face_reference"):
+            face, reference, report = stage.identify(image, None, "", "warm-up reference")
+        if stage.picker is not None:
+            with stages.stage("picker"):
+                box = face.box
+                width = box[2] - box[0]
+                twin = (box[0] + width * 1.2, box[1], box[2] + width * 1.2, box[3])
+                stage.picker.pick(image, [box, twin], WARM_UP_DESCRIPTION, seed=0)
+        params = GenerationParams(WARM_UP_PROMPT, "", WARM_UP_SIZE, WARM_UP_SIZE, WARM_UP_STEPS,
+                                  2.0, 0)
+        with stages.stage("face_generate"):
+            stage.identity.generate(params, reference)
+        recipe = dataclasses.replace(stage.identity.recipe, steps=WARM_UP_STEPS)
+        request = Request(prompt=WARM_UP_PROMPT, require_face_swap=True)
+        with stages.stage("face_swap"):
+            stage.swap_onto(image, face, reference, request, params, Timings(),
+                            lambda _stage: None, report, recipe=recipe)
 
     def run(self, request: Request, progress: Progress | None = None) -> Result:
         """Run one validated request; raises pipeline errors, never returns a half result."""
@@ -149,21 +179,19 @@ class CharacterService:
                                   request.height, request.steps, request.cfg, seed)
         timings = Timings()
         with self._lock:
-            swapped = self.residency.seconds if self.residency else 0.0
+            # Counted (and refused over the limit) before any stage runs.
+            tokens = prompt_tokens(self.text_pipe, params)
+            swapped = self.residency.seconds
             if request.wants_face_swap:
                 image, report = self.face_swap.run(request, params, timings, notify)
                 result = Result(image, seed, "face_swap", dict(timings), report)
             else:
                 notify("generating")
-                with timings.stage("generate"):
-                    self._use_text_unet()
+                with timings.stage("generate"), self.residency.holding(TEXT_UNET):
                     image = text_to_image(self.text_pipe, params)
                 result = Result(image, seed, "text", dict(timings))
-            if self.residency and self.residency.seconds > swapped:
+            result.prompt_tokens = tokens
+            if self.residency.seconds > swapped:
                 # Inside "generate"/"refine" already; reported apart so the cost is visible.
                 result.timings["unet_swap"] = self.residency.seconds - swapped
         return result
-
-    def _use_text_unet(self) -> None:
-        if self.residency is not None:
-            self.residency.use(TEXT_UNET)

@@ -18,7 +18,6 @@ Every switch is idempotent: applying twice changes nothing more.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,9 +29,6 @@ from pipeline.device import Runtime
 
 log = logging.getLogger(__name__)
 
-COMPILE_ENV = "PIPELINE_TORCH_COMPILE"
-COMPILE_MODE_ENV = "PIPELINE_TORCH_COMPILE_MODE"
-FUSE_QKV_ENV = "PIPELINE_FUSE_QKV"
 # dynamic=None: the first shape compiles static, the second a dynamic graph for every later one.
 COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": False, "dynamic": None}
 COMPILE_WARM_UP_SIZES = ((832, 1216), (1216, 832))
@@ -40,18 +36,6 @@ COMPILED_MODULES = ("unet", "controlnet")
 CHANNELS_LAST_MODULES = ("unet", "controlnet")
 VAE_TILE_PIXELS = 1024 * 1024
 VAE_TILE_SIZE = 1024
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
-
-
-def env_flag(name: str) -> bool:
-    """A boolean environment switch: 1/true/yes/on or 0/false/no/off (unset is off)."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"`{name}` must be one of 1, 0, true, false, yes, no, on, off; "
-                     f"got {os.environ[name]!r}")
 
 
 def _models(pipe: Any, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -205,14 +189,16 @@ def _compile(pipe: Any, options: dict[str, Any]) -> dict[str, Any]:
             "warm_up_sizes": [list(s) for s in COMPILE_WARM_UP_SIZES]}
 
 
-def apply_speed_switches(pipe: Any, runtime: Runtime, *, compile: bool | dict | None = None,
-                         fuse_qkv: bool | None = None, vae_bf16: bool | None = None,
-                         vae_tiling: bool = True) -> dict[str, Any]:
+def apply_speed_switches(pipe: Any, runtime: Runtime, *, compile: bool | dict = False,
+                         compile_mode: str | None = None, fuse_qkv: bool = False,
+                         vae_bf16: bool | None = None, vae_tiling: bool = True
+                         ) -> dict[str, Any]:
     """Apply the switches (see the module docstring) to `pipe`; returns what was applied.
 
-    `compile`: None reads `PIPELINE_TORCH_COMPILE`; a dict turns it on with those
-    `torch.compile` options. `fuse_qkv`: None reads `PIPELINE_FUSE_QKV`. `vae_bf16`: None means
-    on CUDA fp16 with bf16 support; True forces it (any device)."""
+    `compile` (`PIPELINE_TORCH_COMPILE`): True with `COMPILE_OPTIONS` and `compile_mode`
+    (`PIPELINE_TORCH_COMPILE_MODE`), or a dict of `torch.compile` options. `fuse_qkv`:
+    `PIPELINE_FUSE_QKV`. `vae_bf16`: None means on CUDA fp16 with bf16 support; True forces it
+    (any device)."""
     started = time.perf_counter()
     report: dict[str, Any] = {"sdpa": _sdpa(pipe)}
     converted = []
@@ -220,10 +206,8 @@ def apply_speed_switches(pipe: Any, runtime: Runtime, *, compile: bool | dict | 
         model.to(memory_format=torch.channels_last)
         converted.append(name)
     report["channels_last"] = {"applied": bool(converted), "modules": converted}
-    if fuse_qkv is None:
-        fuse_qkv = env_flag(FUSE_QKV_ENV)
     report["fuse_qkv"] = (_fuse_qkv(pipe) if fuse_qkv else
-                          {"applied": False, "reason": f"off by default ({FUSE_QKV_ENV}=1)"})
+                          {"applied": False, "reason": "off by default (PIPELINE_FUSE_QKV=1)"})
     report["vae"] = _vae_precision(pipe, runtime, vae_bf16)
     if vae_tiling:
         enable_adaptive_tiling(pipe.vae)
@@ -231,14 +215,13 @@ def apply_speed_switches(pipe: Any, runtime: Runtime, *, compile: bool | dict | 
                                 "tile": VAE_TILE_SIZE}
     else:
         report["vae_tiling"] = {"applied": False}
-    if compile is None:
-        compile = env_flag(COMPILE_ENV)
     if compile:
         options = dict(compile) if isinstance(compile, dict) else dict(COMPILE_OPTIONS)
-        if not isinstance(compile, dict) and os.environ.get(COMPILE_MODE_ENV):
-            options["mode"] = os.environ[COMPILE_MODE_ENV]
+        if not isinstance(compile, dict) and compile_mode:
+            options["mode"] = compile_mode
         report["compile"] = _compile(pipe, options)
     else:
-        report["compile"] = {"applied": False, "reason": f"off by default ({COMPILE_ENV}=1)"}
+        report["compile"] = {"applied": False,
+                             "reason": "off by default (PIPELINE_TORCH_COMPILE=1)"}
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report

@@ -16,7 +16,7 @@
   while streaming);
 - ignores proxy settings in the environment (http.client never reads them).
 
-`PIPELINE_ALLOW_LOOPBACK_URLS=1` allows loopback addresses (only those) for local tests.
+Loopback addresses are allowed only when a caller passes `allow_loopback=True` (tests).
 """
 
 from __future__ import annotations
@@ -35,10 +35,8 @@ from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from pipeline.addresses import (  # noqa: F401  (re-exported: image_input and tests use them)
-    ALLOW_LOOPBACK_ENV,
     address_problem,
     check_address,
-    loopback_allowed,
 )
 from pipeline.errors import ImageInputError, shorten
 
@@ -310,16 +308,16 @@ def _read_body(response: http.client.HTTPResponse, conn: _PinnedConnection, max_
 
 def fetch(url: str, *, field: str = "image_url", max_bytes: int = MAX_IMAGE_BYTES,
           timeout_s: float = FETCH_TIMEOUT_S, deadline_s: float = FETCH_DEADLINE_S,
-          resolve: Resolver | None = None, allow_loopback: bool | None = None,
+          resolve: Resolver | None = None, allow_loopback: bool = False,
           ssl_context: ssl.SSLContext | None = None) -> Fetched:
     """Fetch an untrusted http(s) URL under every rule of this module.
 
     `resolve(host, port) -> [ip, ...]` defaults to the system resolver; `allow_loopback`
-    defaults to the `PIPELINE_ALLOW_LOOPBACK_URLS` switch; `ssl_context` to a verifying one.
+    (tests only) lets loopback addresses through; `ssl_context` defaults to a verifying one.
     """
     url = url.strip()
     resolve = resolve or system_resolve
-    allow = loopback_allowed() if allow_loopback is None else allow_loopback
+    allow = allow_loopback
     deadline = _Deadline(deadline_s, field)
     started, subject, current = time.monotonic(), "", url
     for _hop in range(MAX_REDIRECTS + 1):
@@ -364,7 +362,7 @@ def fetch(url: str, *, field: str = "image_url", max_bytes: int = MAX_IMAGE_BYTE
 
 def fetch_url(url: str, *, field: str = "image_url", max_bytes: int = MAX_IMAGE_BYTES,
               timeout_s: float = FETCH_TIMEOUT_S, deadline_s: float = FETCH_DEADLINE_S,
-              resolve: Resolver | None = None, allow_loopback: bool | None = None,
+              resolve: Resolver | None = None, allow_loopback: bool = False,
               ssl_context: ssl.SSLContext | None = None) -> bytes:
     """The body of an untrusted URL (see `fetch`), whatever its declared content type."""
     return fetch(url, field=field, max_bytes=max_bytes, timeout_s=timeout_s,

@@ -19,9 +19,9 @@ def input_schema(module: str = "predict", name: str = "Predictor") -> tuple[dict
     """(Input schema, enum schemas for inputs with choices, Output schema) of the predictor."""
     from cog._inspector import create_predictor
 
-    from pipeline.schema import cog_fields
+    from pipeline.schema import COG_FIELDS
 
-    specs = {spec.cog_name or spec.name: spec for spec in cog_fields()}
+    specs = {spec.cog_key: spec for spec in COG_FIELDS}
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # cog 0.23 prefers run()

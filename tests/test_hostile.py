@@ -13,6 +13,7 @@ DNS), so no traffic leaves the process.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import inspect
 import io
 import struct
@@ -25,13 +26,14 @@ from PIL import Image
 
 import runpod_adapter
 from pipeline.errors import PipelineError
+from pipeline.schema import OUTPUT_FIELDS
 from tests.face_images import marker_scene, noise_image
 
 FAST = {"width": 512, "height": 512, "steps": 1, "seed": 7}
 BASE = {"prompt": "a knight", **FAST}
 NAN, INF = float("nan"), float("inf")
 # The Cog input names of the output options Cog has (the others are RunPod-only).
-COG_NAMES = {"output.format": "output_format", "output.quality": "output_quality"}
+COG_NAMES = {f"output.{spec.name}": spec.cog_key for spec in OUTPUT_FIELDS if not spec.runpod_only}
 
 
 # ------------------------------------------------------------------------------ hostile images
@@ -193,7 +195,8 @@ def _cog_inputs(predictor, fields: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 def worker(predictor, tmp_path, monkeypatch):
     monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
-    monkeypatch.setenv("VOLUME_ROOT", str(tmp_path / "volume"))
+    monkeypatch.setattr(predictor, "settings", dataclasses.replace(
+        predictor.settings, volume_root=tmp_path / "volume"))
     return runpod_adapter.handler
 
 

@@ -42,3 +42,14 @@ def test_missing_prompt_is_refused(predictor):
 def test_unknown_input_is_refused(predictor):
     with pytest.raises((InvalidInput, TypeError)):
         predictor.predict(**_declared_inputs(predictor), prompt_strength=0.5)
+
+
+def test_upload_and_image_url_together_are_refused(predictor, tmp_path):
+    from cog import Path
+
+    upload = tmp_path / "face.png"
+    upload.write_bytes(b"not read: the request is refused first")
+    inputs = _declared_inputs(predictor)
+    inputs.update(prompt="x", image=Path(upload), image_url="https://example.com/face.png")
+    with pytest.raises(InvalidInput, match="`image` must not be given together with `image_url`"):
+        predictor.predict(**inputs)

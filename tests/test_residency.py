@@ -7,13 +7,17 @@ where and that nothing changes the output; the VRAM saving itself needs a GPU
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.device import Runtime
+from pipeline.errors import SettingsError
 from pipeline.residency import SWAP_ENV, UnetSwap, swap_wanted
 from pipeline.schema import validate_request
+from pipeline.settings import Settings
 from tests.face_images import marker_scene
 from tests.test_faceswap import data_uri
 
@@ -75,15 +79,16 @@ def test_disabled_swap_moves_nothing():
 
 @pytest.mark.parametrize(("value", "wanted"), [("1", True), ("on", True), ("0", False),
                                                ("off", False), ("auto", False), ("", False)])
-def test_environment_switch(monkeypatch, value, wanted):
-    monkeypatch.setenv(SWAP_ENV, value)
-    assert swap_wanted(CPU) is wanted  # auto on the CPU: nothing to swap
+def test_environment_switch(value, wanted):
+    mode = Settings.from_env({SWAP_ENV: value}).unet_swap
+    assert swap_wanted(CPU, mode) is wanted  # auto on the CPU: nothing to swap
 
 
-def test_environment_switch_rejects_other_values(monkeypatch):
-    monkeypatch.setenv(SWAP_ENV, "sometimes")
-    with pytest.raises(ValueError, match="`PIPELINE_UNET_SWAP` must be auto, 1 or 0"):
-        swap_wanted(CPU)
+def test_environment_switch_rejects_other_values():
+    with pytest.raises(SettingsError, match="`PIPELINE_UNET_SWAP` must be auto, 1 or 0"):
+        Settings.from_env({SWAP_ENV: "sometimes"})
+    with pytest.raises(ValueError, match="`mode`"):
+        swap_wanted(CPU, "sometimes")
 
 
 def test_swapping_service_renders_what_the_resident_one_renders(predictor, tiny_weights,
@@ -92,8 +97,9 @@ def test_swapping_service_renders_what_the_resident_one_renders(predictor, tiny_
     request after them, give the resident service's bytes; the swap time is reported."""
     from pipeline.service import CharacterService
 
-    monkeypatch.setenv(SWAP_ENV, "1")
-    swapping = CharacterService.load(tiny_weights)
+    settings = dataclasses.replace(Settings.from_env(), weights_dir=tiny_weights,
+                                   unet_swap="on")
+    swapping = CharacterService.load(settings=settings)
     resident = predictor.service
     assert swapping.residency.enabled and swapping.residency.active == "text"
     assert resident.residency is not None and not resident.residency.enabled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -22,7 +23,8 @@ FAST = {"width": 512, "height": 512, "steps": 2}
 @pytest.fixture
 def worker(predictor, tmp_path, monkeypatch):
     monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
-    monkeypatch.setenv("VOLUME_ROOT", str(tmp_path / "volume"))
+    monkeypatch.setattr(predictor, "settings", dataclasses.replace(
+        predictor.settings, volume_root=tmp_path / "volume"))
     return runpod_adapter.handler
 
 
@@ -80,8 +82,9 @@ def test_invalid_input_is_a_clean_error(worker):
     assert "`input`" in worker({"id": "j"})["error"]
 
 
-def test_too_large_response_is_refused(worker, monkeypatch):
-    monkeypatch.setenv("RESPONSE_LIMIT_BYTES", "70000")
+def test_too_large_response_is_refused(worker, predictor, monkeypatch):
+    monkeypatch.setattr(predictor, "settings", dataclasses.replace(
+        predictor.settings, response_limit_bytes=70000))
     answer = worker({"id": "j", "input": {"prompt": "x", **FAST}})
     assert "output.include_base64" in answer["error"] and "limit" in answer["error"]
 

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import warnings
 
 import pytest
 
 from pipeline.errors import InvalidInput
 from pipeline.schema import (
+    COG_FIELDS,
     MAX_SEED,
+    OUTPUT_FIELDS,
+    OUTPUT_FORMATS,
     REQUEST_FIELDS,
+    UPLOAD,
+    FieldSpec,
+    Inputs,
+    OutputInputs,
     OutputOptions,
     Request,
-    cog_fields,
+    is_omitted,
     payload_from_cog,
-    request_to_payload,
+    validate_output,
     validate_request,
 )
 
@@ -38,8 +47,9 @@ def test_spec_example_payload_validates():
                           "volume_path": "outputs"}}
     request = validate_request(payload)
     assert request.seed == 42 and request.wants_face_swap
-    assert request_to_payload(request)["output"]["volume_path"] == "outputs"
-    assert validate_request(request_to_payload(request)) == request
+    assert request.output == OutputOptions(include_base64=True, save_to_volume=False,
+                                           volume_path="outputs")
+    assert request.image_url == "https://example.com/face.png" and request.image_path is None
 
 
 @pytest.mark.parametrize("payload, field, words", [
@@ -89,13 +99,34 @@ def test_largest_seed_and_integral_floats_are_accepted():
     assert validate_request({"prompt": "x", "image_url": ""}).image_url is None
 
 
+def _declared_cog_inputs() -> dict:
+    """Every Cog input as its declaration, as an unvalidating Cog server passes omitted ones."""
+    from cog import Input
+
+    return {spec.cog_key: Input(**spec.cog()) for spec in COG_FIELDS}
+
+
 def test_cog_field_infos_count_as_omitted():
     from cog import Input
 
-    payload = payload_from_cog({"prompt": "x", "width": Input(default=832), "output_format":
-                                "jpeg", "output_quality": Input(default=95)})
+    assert is_omitted(Input(default=832)) and not is_omitted(832) and not is_omitted(None)
+    payload = payload_from_cog({**_declared_cog_inputs(), "prompt": "x",
+                                "output_format": "jpeg"})
     assert payload == {"prompt": "x", "output": {"format": "jpeg"}}
     assert validate_request(payload).output.format == "jpeg"
+
+
+def test_a_cog_input_left_out_is_a_programming_error():
+    inputs = {**_declared_cog_inputs(), "prompt": "x"}
+    del inputs["steps"]
+    with pytest.raises(TypeError, match="steps"):
+        payload_from_cog(inputs)
+
+
+def test_unknown_cog_input_is_named():
+    payload = payload_from_cog({**_declared_cog_inputs(), "prompt": "x", "lora": "y"})
+    with pytest.raises(InvalidInput, match="`lora` is not a known field"):
+        validate_request(payload)
 
 
 def test_predict_inputs_agree_with_the_schema():
@@ -106,8 +137,8 @@ def test_predict_inputs_agree_with_the_schema():
         info = create_predictor("predict", "Predictor")
     inputs = dict(info.inputs)
     assert inputs.pop("image").type.primitive.name == "PATH"  # the Cog-only upload
-    specs = {spec.cog_name or spec.name: spec for spec in cog_fields()}
-    assert set(inputs) == set(specs)
+    specs = {spec.cog_key: spec for spec in COG_FIELDS}
+    assert list(inputs) == list(specs)  # the same inputs, in the schema's order
     for name, field in inputs.items():
         spec = specs[name]
         assert field.default == (None if spec.required else spec.default), name
@@ -121,5 +152,101 @@ def test_predict_inputs_agree_with_the_schema():
 
 
 def test_every_request_field_is_on_the_request():
-    names = {f for f in Request.__dataclass_fields__}
-    assert {spec.name for spec in REQUEST_FIELDS} <= names
+    names = [f.name for f in dataclasses.fields(Request)]
+    assert names == [spec.name for spec in REQUEST_FIELDS] + ["output", "image_path"]
+    assert [f.name for f in dataclasses.fields(OutputOptions)] == [s.name for s in OUTPUT_FIELDS]
+
+
+@pytest.mark.parametrize("cls, spec", [(Request, spec) for spec in REQUEST_FIELDS]
+                         + [(OutputOptions, spec) for spec in OUTPUT_FIELDS],
+                         ids=lambda value: getattr(value, "name", None) or value.__name__)
+def test_dataclass_defaults_are_the_spec_defaults(cls, spec):
+    default = {f.name: f.default for f in dataclasses.fields(cls)}[spec.name]
+    if spec.required:
+        assert default is dataclasses.MISSING
+    else:
+        assert default == spec.default
+        assert type(default) is type(spec.default)
+
+
+def test_omitted_and_empty_output_are_the_same_request():
+    assert validate_output(None) == validate_output({}) == OutputOptions()
+    assert OutputOptions() == OutputOptions(**{spec.name: spec.default for spec in OUTPUT_FIELDS})
+    assert validate_request({"prompt": "x"}) == validate_request({"prompt": "x", "output": {}})
+
+
+def test_specs_are_attributes_named_after_themselves():
+    assert tuple(Inputs) == REQUEST_FIELDS and tuple(OutputInputs) == OUTPUT_FIELDS
+    for namespace in (Inputs, OutputInputs):
+        for spec in namespace:
+            assert isinstance(spec, FieldSpec) and getattr(namespace, spec.name) is spec
+    assert Inputs.width.default == 832 and OutputInputs.format.cog_key == "output_format"
+    with pytest.raises(AttributeError):
+        Inputs.widht  # noqa: B018 - a misspelt field fails where it is written
+    with pytest.raises(AttributeError):
+        Inputs.width = Inputs.height
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Inputs.width.default = 1024  # type: ignore[misc]
+
+
+def test_cog_inputs_leave_out_the_runpod_only_options():
+    assert [spec.cog_key for spec in COG_FIELDS if spec in OUTPUT_FIELDS] == \
+        ["output_format", "output_quality"]
+    assert Inputs.width.cog() == {"description": Inputs.width.description, "default": 832,
+                                  "ge": 512, "le": 2048}
+    assert "default" not in Inputs.prompt.cog()
+    assert "max_length" not in Inputs.image_url.cog()  # a data: URI is long; image_input bounds it
+
+
+def test_one_format_table():
+    from pipeline import output
+
+    assert OutputInputs.format.choices == tuple(OUTPUT_FORMATS) == ("png", "jpeg", "webp")
+    assert output.MEDIA_TYPES == {name: f.media_type for name, f in OUTPUT_FORMATS.items()}
+    assert output.EXTENSIONS == {name: f.extension for name, f in OUTPUT_FORMATS.items()}
+    assert OUTPUT_FORMATS["jpeg"].extension == "jpg"
+    with pytest.raises(TypeError):
+        OUTPUT_FORMATS["gif"] = OUTPUT_FORMATS["png"]  # type: ignore[index]
+
+
+def test_upload_and_image_url_together_are_refused_naming_both():
+    with pytest.raises(InvalidInput) as caught:
+        validate_request({"prompt": "x", "image_url": "https://example.com/f.png"},
+                         upload="/tmp/face.png")
+    assert caught.value.field == UPLOAD == "image"
+    assert "`image` must not be given together with `image_url`" in str(caught.value)
+    request = validate_request({"prompt": "x"}, upload="/tmp/face.png")
+    assert request.image_path == "/tmp/face.png" and request.wants_face_swap
+    # An empty image_url means "no reference": the upload alone is the reference.
+    assert validate_request({"prompt": "x", "image_url": ""}, upload="/tmp/f.png").image_url is None
+
+
+@pytest.mark.parametrize("volume_path, words", [
+    ("../x", "'..'"), ("a/../../b", "'..'"), ("/etc", "relative"), ("~root/x", "relative"),
+    ("\\\\server\\share", "relative"), ("ok\x00no", "control characters"),
+    ("x" * 201, "at most 200 characters"), ("é" * 128, "255 bytes"), ("", "empty"),
+])
+def test_volume_path_rules_apply_without_a_root(volume_path, words):
+    for save in (True, False):
+        with pytest.raises(InvalidInput) as caught:
+            validate_request({"prompt": "x", "output": {"save_to_volume": save,
+                                                        "volume_path": volume_path}})
+        assert caught.value.field == "output.volume_path" and words in str(caught.value)
+
+
+def test_volume_path_is_resolved_against_the_root_when_given(tmp_path):
+    root, outside = tmp_path / "volume", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    os.symlink(outside, root / "link")
+    payload = {"prompt": "x", "output": {"save_to_volume": True, "volume_path": "link/sub"}}
+    assert validate_request(payload).output.volume_path == "link/sub"  # no root: lexical only
+    with pytest.raises(InvalidInput, match="`output.volume_path` resolves outside the volume"):
+        validate_request(payload, volume_root=root)
+    kept = validate_request({"prompt": "x", "output": {"volume_path": "link/sub"}},
+                            volume_root=root)  # nothing is saved: the link does not matter
+    assert kept.output.volume_path == "link/sub"
+    fine = validate_request({"prompt": "x", "output": {"save_to_volume": True,
+                                                       "volume_path": "runs/a"}},
+                            volume_root=root)
+    assert fine.output.volume_path == "runs/a" and not (root / "runs").exists()

@@ -25,12 +25,6 @@ PARAMS = GenerationParams("a portrait of a sailor", "blurry", 64, 64, 2, 2.0, 3)
 EAGER = {"backend": "eager"}  # the compile wiring without a C++ toolchain run
 
 
-@pytest.fixture(autouse=True)
-def _no_switch_env(monkeypatch):
-    for name in (speed.COMPILE_ENV, speed.COMPILE_MODE_ENV, speed.FUSE_QKV_ENV):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> Layout:
     from pipeline.twins.identity import write_identity_twins
@@ -156,22 +150,14 @@ def test_compile_switch_compiles_in_place(base_pipe, base_image, monkeypatch):
     assert report["applied"] and report["modules"] == ["unet"]
     assert pipe.unet is unet and unet._compiled_call_impl is not None
     _close(_pixels(text_to_image(pipe, PARAMS)), base_image, max_diff=1, mean_diff=0.05)
-    # the environment switch turns it on when `compile` is not given
+    # `compile=True` (PIPELINE_TORCH_COMPILE=1) takes COMPILE_OPTIONS and the mode setting
     other = copy.deepcopy(base_pipe)
     monkeypatch.setattr(speed, "COMPILE_OPTIONS", EAGER)
-    monkeypatch.setenv(speed.COMPILE_ENV, "1")
-    assert speed.apply_speed_switches(other, RUNTIME)["compile"]["applied"] is True
-    monkeypatch.setenv(speed.COMPILE_ENV, "0")
+    report = speed.apply_speed_switches(other, RUNTIME, compile=True, compile_mode="default")
+    assert report["compile"]["applied"] is True
+    assert report["compile"]["options"]["mode"] == "default"
     assert speed.apply_speed_switches(copy.deepcopy(base_pipe), RUNTIME)["compile"][
         "applied"] is False
-
-
-def test_switch_environment_values_are_checked(monkeypatch):
-    monkeypatch.setenv(speed.FUSE_QKV_ENV, "maybe")
-    with pytest.raises(ValueError, match="PIPELINE_FUSE_QKV.*'maybe'"):
-        speed.env_flag(speed.FUSE_QKV_ENV)
-    monkeypatch.setenv(speed.FUSE_QKV_ENV, " Yes ")
-    assert speed.env_flag(speed.FUSE_QKV_ENV) is True
 
 
 def test_vae_tiles_only_above_the_pixel_budget(base_pipe):
@@ -201,12 +187,15 @@ def test_warm_up_runs_the_compile_sizes_and_reports_their_seconds(predictor, mon
 
     monkeypatch.setattr(type(service.text_pipe), "__call__", recording_call)
     monkeypatch.setattr(service, "speed", {"text": {"compile": {"applied": False}}})
-    service.warm_up()
-    assert shapes == [(512, 512)]
+    stages = service.warm_up()
+    # text, then the face path's generation with identity priors (also on the text pipe)
+    assert shapes == [(512, 512), (512, 512)]
+    assert list(stages) == ["text", "face_reference", "picker", "face_generate", "face_swap"]
+    assert all(seconds > 0 for seconds in stages.values())
     shapes.clear()
     report = {"applied": True}
     monkeypatch.setattr(service, "speed", {"text": {"compile": report}})
     service.warm_up()
-    assert shapes == [(512, 512), *speed.COMPILE_WARM_UP_SIZES]
+    assert shapes == [(512, 512), *speed.COMPILE_WARM_UP_SIZES, (512, 512)]
     assert set(report["warm_up_seconds"]) == {"512x512", "832x1216", "1216x832"}
     assert all(seconds > 0 for seconds in report["warm_up_seconds"].values())

