@@ -36,7 +36,15 @@ from benchmark_report import (
     summarize,
     write_report,
 )
-from pipeline.schema import MAX_SEED, RESOLUTION_PRESETS, Inputs, check_field
+from pipeline.schema import (
+    FAST_MAX_STEPS,
+    FAST_MIN_STEPS,
+    FAST_STEPS,
+    MAX_SEED,
+    RESOLUTION_PRESETS,
+    Inputs,
+    check_field,
+)
 
 DEFAULT_API_BASE = "https://api.runpod.ai/v2"
 DEFAULT_PROMPT = "a confident woman in a business suit, professional lighting"
@@ -62,7 +70,8 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def record_result(job: Job, body: dict, folder: Path, steps: int, cfg: float) -> None:
+def record_result(job: Job, body: dict, folder: Path, steps: int, cfg: float,
+                  preset: str = "quality") -> None:
     """Fill the job from RunPod's final answer and save its image under `folder`."""
     job.status = str(body.get("status"))
     job.delay_time_ms, job.execution_time_ms = body.get("delayTime"), body.get("executionTime")
@@ -85,7 +94,8 @@ def record_result(job: Job, body: dict, folder: Path, steps: int, cfg: float) ->
         return
     seed = output.get("seed") if isinstance(output.get("seed"), int) else job.seed
     ext = EXTENSIONS.get(str(output.get("format", "png")).lower(), "png")
-    name = (f"{job.index:03d}_{MODE_WORDS[job.mode]}_{job.width}x{job.height}"
+    tag = "" if preset == Inputs.preset.default else f"_{preset}"  # quality: names as before
+    name = (f"{job.index:03d}_{MODE_WORDS[job.mode]}{tag}_{job.width}x{job.height}"
             f"_steps{steps}_cfg{float(cfg)}_seed{seed}.{ext}")
     (folder / name).write_bytes(data)
     job.image_file = name
@@ -101,7 +111,7 @@ def execute(client: Any, job: Job, args: argparse.Namespace, folder: Path,
     try:
         body = client.run(job, args.timeout)
         job.client_seconds = round(time.monotonic() - started, 3)
-        record_result(job, body, folder, args.steps, args.cfg)
+        record_result(job, body, folder, args.steps, args.cfg, args.preset)
     except JobFailed as failure:
         job.status, job.error = failure.status, str(failure)
     except Exception as error:  # noqa: BLE001  (a bug or odd answer must not lose the rest)
@@ -167,7 +177,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         width, height = RESOLUTION_PRESETS[resolution]
         payload: dict[str, Any] = {"prompt": args.prompt, "width": width, "height": height,
                                    "steps": args.steps, "cfg": args.cfg, "seed": args.seed + i,
-                                   "output": {"include_base64": True}}
+                                   "preset": args.preset, "output": {"include_base64": True}}
         if args.negative_prompt:
             payload["negative_prompt"] = args.negative_prompt
         if mode == "face":
@@ -215,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "pick, in words (default: the largest)")
     work.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default: %(default)r)")
     work.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
-    work.add_argument("--steps", type=int, default=35, help="sampling steps (default: 35)")
+    work.add_argument("--preset", default=Inputs.preset.default,
+                      choices=list(Inputs.preset.choices),
+                      help="quality (the recipe) or fast (8-step LoRA) (default: %(default)s)")
+    work.add_argument("--steps", type=int, help=f"sampling steps (default: "
+                      f"{Inputs.steps.default}; {FAST_STEPS} with --preset fast, which takes "
+                      f"{FAST_MIN_STEPS}-{FAST_MAX_STEPS})")
     work.add_argument("--cfg", type=float, default=2.0, help="CFG scale (default: 2.0)")
     work.add_argument("--seed", type=int, help="base seed, + request index per request "
                       "(default: random)")
@@ -240,11 +255,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
     for flag, value in (("--timeout", args.timeout), ("--poll-interval", args.poll_interval)):
         if not value > 0:
             parser.error(f"{flag} must be more than 0, got {value:g}")
+    if args.steps is None:
+        args.steps = FAST_STEPS if args.preset == "fast" else Inputs.steps.default
     for spec in (Inputs.steps, Inputs.cfg):
         try:
             check_field(spec, getattr(args, spec.name))
         except ValueError as error:
             parser.error(f"--{spec.name}: {error}")
+    if args.preset == "fast" and not FAST_MIN_STEPS <= args.steps <= FAST_MAX_STEPS:
+        parser.error(f"--steps must be {FAST_MIN_STEPS} to {FAST_MAX_STEPS} with --preset fast, "
+                     f"got {args.steps}")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     if args.seed < 0 or args.seed + args.count - 1 > MAX_SEED:

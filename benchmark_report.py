@@ -56,7 +56,8 @@ def summarize(jobs: list[Job], wall: float | None, args: argparse.Namespace) -> 
                 groups.append({"resolution": resolution, "mode": mode, **_stats(members, wall)})
     cold = {key: getattr(jobs[0], key) for key in ("index", "ok", "status", "client_seconds",
                                                      "delay_time_ms", "execution_time_ms")}
-    return {"total": len(jobs), "completed": sum(j.ok for j in jobs),
+    return {"preset": args.preset, "steps": args.steps,
+            "total": len(jobs), "completed": sum(j.ok for j in jobs),
             "failed": sum(not j.ok for j in jobs), "cold_start": cold,
             "concurrent_phase": {"requests": len(jobs) - 1, "wall_seconds": wall,
                                  "concurrency": args.concurrency},
@@ -67,7 +68,8 @@ def print_summary(summary: dict[str, Any], jobs: list[Job], folder: Path) -> Non
     def cell(value: Any) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    print(f"\nsummary: {summary['completed']} of {summary['total']} completed, "
+    print(f"\nsummary (preset {summary['preset']}, {summary['steps']} steps): "
+          f"{summary['completed']} of {summary['total']} completed, "
           f"{summary['failed']} failed. Latency: client seconds of completed requests after "
           "the cold start; img/min: those images per minute of the concurrent phase")
     print(f"{'resolution':<16}{'mode':<6}{'count':>6}{'fail':>6}{'min s':>9}{'p50 s':>9}"
@@ -132,9 +134,10 @@ def write_report(path: Path, args: argparse.Namespace, jobs: list[Job], summary:
                  started: datetime, api_key: str | None) -> None:
     target = ({"kind": "local", "url": args.local} if args.local else
               {"kind": "cloud", "api_base": args.api_base, "endpoint_id": args.endpoint_id})
-    settings = {key: getattr(args, key) for key in ("count", "modes", "resolutions", "steps", "cfg",
-                                                   "seed", "concurrency", "timeout", "prompt",
-                                                   "negative_prompt", "face_description")}
+    settings = {key: getattr(args, key) for key in ("count", "modes", "resolutions", "preset",
+                                                   "steps", "cfg", "seed", "concurrency",
+                                                   "timeout", "prompt", "negative_prompt",
+                                                   "face_description")}
     settings["face_url"] = redact_url(args.face_url)
     rows = []
     for job in jobs:

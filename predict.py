@@ -37,6 +37,11 @@ class Output(BaseModel):
     timings: dict
     face_swap: dict | None = None
     prompt_tokens: dict | None = None
+    preset: str | None = None
+    steps: int | None = None
+    scheduler: str | None = None
+    # Every image of `num_outputs`, in order (the first is `image`); image i used seed + i.
+    images: list[Path] | None = None
 
 
 class Predictor(BasePredictor):
@@ -61,7 +66,9 @@ class Predictor(BasePredictor):
         height: int = Input(**Inputs.height.cog()),
         steps: int = Input(**Inputs.steps.cog()),
         cfg: float = Input(**Inputs.cfg.cog()),
+        preset: str = Input(**Inputs.preset.cog()),
         seed: int | None = Input(**Inputs.seed.cog()),
+        num_outputs: int = Input(**Inputs.num_outputs.cog()),
         image_url: str | None = Input(**Inputs.image_url.cog()),
         image: Path | None = Input(default=None, description=UPLOAD_DESCRIPTION),
         face_description: str = Input(**Inputs.face_description.cog()),
@@ -75,7 +82,8 @@ class Predictor(BasePredictor):
         # By Cog name; payload_from_cog refuses a dict that misses one of the schema's inputs.
         payload = payload_from_cog({
             "prompt": prompt, "negative_prompt": negative_prompt, "width": width,
-            "height": height, "steps": steps, "cfg": cfg, "seed": seed, "image_url": image_url,
+            "height": height, "steps": steps, "cfg": cfg, "preset": preset, "seed": seed,
+            "num_outputs": num_outputs, "image_url": image_url,
             "face_description": face_description, "face_index": face_index,
             "target_description": target_description, "target_index": target_index,
             "require_face_swap": require_face_swap, "output_format": output_format,
@@ -91,10 +99,16 @@ class Predictor(BasePredictor):
         shutil.rmtree(self._output_dir, ignore_errors=True)
         self._output_dir.mkdir(parents=True)
         fmt = request.output.format
-        path = self._output_dir / f"output.{OUTPUT_FORMATS[fmt].extension}"
-        path.write_bytes(encode_image(result.image, fmt, request.output.quality))
+        paths = []
+        for index, one in enumerate(result.images):
+            # The first keeps today's name; the others are numbered.
+            name = "output" if index == 0 else f"output-{index}"
+            path = self._output_dir / f"{name}.{OUTPUT_FORMATS[fmt].extension}"
+            path.write_bytes(encode_image(one.image, fmt, request.output.quality))
+            paths.append(Path(path))
         report = result.report()
-        return Output(image=Path(path), seed=report["seed"], mode=report["mode"],
+        return Output(image=paths[0], images=paths, seed=report["seed"], mode=report["mode"],
                       width=report["width"], height=report["height"],
                       timings=report["timings"], face_swap=report.get("face_swap"),
-                      prompt_tokens=report.get("prompt_tokens"))
+                      prompt_tokens=report.get("prompt_tokens"), preset=report.get("preset"),
+                      steps=report.get("steps"), scheduler=report.get("scheduler"))

@@ -6,6 +6,11 @@ and never on the first job. Every failure becomes `{"error": "<message naming th
 RunPod marks the job FAILED and the worker keeps serving; errors that leave the GPU in doubt
 (CUDA out of memory) also ask RunPod for a fresh worker with `refresh_worker`.
 
+Several images (`num_outputs` > 1) come back as `images`, one entry each (`seed`, `bytes`,
+`image_base64` / `image_path` / `image_url`, `face_swap`); one image keeps the response the
+endpoint we replace returned (top-level `image_base64`, `seed`, ...; no `images`). `output.upload`
+puts each image in the configured bucket (`pipeline.upload`) and returns its `image_url`.
+
 Run locally: `python runpod_adapter.py --test_input '{"input": {"prompt": "..."}}'`, or
 `python runpod_adapter.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port 8000`.
 """
@@ -18,9 +23,10 @@ from typing import Any
 
 from pipeline.device import is_out_of_memory
 from pipeline.errors import PipelineError
-from pipeline.output import encode_for_response
-from pipeline.schema import validate_request
+from pipeline.output import check_response_estimate, encode_all
+from pipeline.schema import Request, validate_request
 from pipeline.settings import Settings
+from pipeline.upload import Uploader, check_upload_configured
 
 log = logging.getLogger("runpod_adapter")
 
@@ -52,6 +58,25 @@ def _progress_reporter(job: dict, settings: Settings) -> Any:
     return lambda stage: runpod.serverless.progress_update(job, stage)
 
 
+def _refuse_early(request: Request, settings: Settings) -> Any:
+    """What can be refused before generation: an upload without a bucket, a multi-image base64
+    response that may pass the limit. Returns the bucket's `Uploader` when the request uploads."""
+    check_upload_configured(request.output.upload, settings.bucket)
+    check_response_estimate(request.width, request.height, request.output,
+                            request.num_outputs, settings.response_limit_bytes)
+    return Uploader(settings.bucket) if request.output.upload else None
+
+
+def _image_entry(index: int, one: Any, entry: dict) -> dict:
+    """One image of a multi-image response."""
+    fields = {"index": index, "seed": one.seed, "bytes": entry["bytes"]}
+    fields.update({key: entry[key] for key in ("image_base64", "image_url", "image_path")
+                   if key in entry})
+    if one.face_swap is not None:
+        fields["face_swap"] = one.face_swap
+    return fields
+
+
 def handler(job: dict) -> dict:
     """RunPod handler: `{"id", "input"}` in, a JSON dict out (or `{"error": ...}`)."""
     started = time.perf_counter()
@@ -60,14 +85,24 @@ def handler(job: dict) -> dict:
         settings = predictor.settings  # read once, at start-up
         # The volume folder is resolved here too: an escape is refused before any GPU work.
         request = validate_request(job.get("input"), volume_root=settings.volume_root)
+        uploader = _refuse_early(request, settings)  # before any GPU work
         result = predictor.generate(request, _progress_reporter(job, settings))
         encode_started = time.perf_counter()
-        image_fields = encode_for_response(
-            result.image, request.output, result.seed, volume_root=settings.volume_root,
-            response_limit=settings.response_limit_bytes)
+        entries = encode_all([(one.image, one.seed) for one in result.images], request.output,
+                             volume_root=settings.volume_root,
+                             response_limit=settings.response_limit_bytes, uploader=uploader,
+                             job_id=str(job.get("id") or "job"))
         result.timings["encode"] = time.perf_counter() - encode_started
-        return {"status": "success", **result.report(), **image_fields,
-                "duration_seconds": round(time.perf_counter() - started, 3)}
+        answer = {"status": "success", **result.report()}
+        if len(entries) == 1:
+            answer.update(entries[0])  # today's response, key for key
+        else:
+            answer.pop("face_swap", None)  # per image, below
+            answer.update(format=request.output.format, media_type=entries[0]["media_type"],
+                          images=[_image_entry(index, one, entry) for index, (one, entry)
+                                  in enumerate(zip(result.images, entries, strict=True))])
+        answer["duration_seconds"] = round(time.perf_counter() - started, 3)
+        return answer
     except PipelineError as error:
         log.info("job %s refused: %s", job.get("id"), error)
         return {"error": str(error)}

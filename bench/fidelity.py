@@ -1,7 +1,7 @@
 """Fidelity eval: how much of the reference identity the face swap keeps, scored by ArcFace.
 
     python -m bench.fidelity --references DIR [--held-out DIR] [--prompts FILE] [--seeds N]
-        [--steps N] [--weights DIR] --json OUT [--sheet PNG] [--smoke]
+        [--steps N] [--preset quality|fast] [--weights DIR] --json OUT [--sheet PNG] [--smoke]
 
 For every reference photo in DIR (jpg/png/webp), every prompt (`PROMPTS`, or one per line of
 `--prompts`) and seeds `--first-seed`..+N-1, one face swap runs through the real service
@@ -162,9 +162,10 @@ def contact_sheet(pairs: list[tuple[Image.Image, Image.Image]]) -> Image.Image:
 
 
 def evaluate(service: Any, references: list[Path], held_out: Path | None, prompts: list[str],
-             seeds: list[int], size: tuple[int, int], steps: int
-             ) -> tuple[list[dict[str, Any]], Image.Image]:
-    """Every (reference, prompt, seed) swap through `service`: its rows and the contact sheet."""
+             seeds: list[int], size: tuple[int, int], steps: int | None,
+             preset: str = "quality") -> tuple[list[dict[str, Any]], Image.Image]:
+    """Every (reference, prompt, seed) swap through `service`: its rows and the contact sheet.
+    `steps` None: the preset's default (35 quality, 8 fast)."""
     from pipeline.errors import PipelineError
     from pipeline.image_input import load_reference_image
     from pipeline.schema import validate_request
@@ -181,9 +182,11 @@ def evaluate(service: Any, references: list[Path], held_out: Path | None, prompt
             log.warning("%s: no held-out photo with stem %r", path.name, path.stem)
         ref_thumb = _thumb(photo, path.stem[:18])
         for prompt, seed in itertools.product(prompts, seeds):
-            request = dataclasses.replace(validate_request({
-                "prompt": prompt, "negative_prompt": NEGATIVE_PROMPT, "width": size[0],
-                "height": size[1], "steps": steps, "seed": seed}), image_path=str(path))
+            payload = {"prompt": prompt, "negative_prompt": NEGATIVE_PROMPT, "width": size[0],
+                       "height": size[1], "seed": seed, "preset": preset}
+            if steps is not None:
+                payload["steps"] = steps
+            request = dataclasses.replace(validate_request(payload), image_path=str(path))
             row: dict[str, Any] = {
                 "reference": path.name, "held_out": matches[0].name if matches else None,
                 "prompt": prompt, "seed": seed, "applied": False, "reason": None,
@@ -245,7 +248,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=Path, help="one prompt per line (default: built in)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt (default 2)")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=35)
+    parser.add_argument("--steps", type=int, help="default: the preset's (35; fast 8)")
+    parser.add_argument("--preset", choices=["quality", "fast"], default="quality",
+                        help="quality (the recipe) or fast (Hyper-SD 8-step LoRA)")
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--height", type=int, default=1216)
     parser.add_argument("--weights", type=Path, help="weights folder (default $WEIGHTS_DIR)")
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("PIPELINE_REFINE_GUIDE_SIZE", "256")
             os.environ.setdefault("YOLO_OFFLINE", "1")
             weights, references, held_out = smoke_inputs(Path(scratch))
-            prompts, seeds, size, steps = [SMOKE_PROMPT], [SMOKE_SEED], (512, 512), 2
+            prompts, seeds, size = [SMOKE_PROMPT], [SMOKE_SEED], (512, 512)
+            steps = 4 if args.preset == "fast" else 2  # fast takes 4 to 12
         from pipeline.service import CharacterService
 
         photos = find_images(references)
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no jpg/png/webp photo in {references}")
         service = CharacterService.load(weights)
         log.info("warm-up (as the Cog and RunPod adapters run it): %s", service.warm_up())
-        rows, sheet = evaluate(service, photos, held_out, prompts, seeds, size, steps)
+        rows, sheet = evaluate(service, photos, held_out, prompts, seeds, size, steps,
+                               args.preset)
     summary = summarize(rows)
     sheet_path = args.sheet or args.json.with_name(args.json.stem + "_sheet.png")
     for folder in (args.json.parent, sheet_path.parent):
@@ -289,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     sheet.save(sheet_path)
     report = {"command": " ".join(["python -m bench.fidelity", *(argv or sys.argv[1:])]),
               "smoke": args.smoke, "encoders": ENCODERS, "threshold": SAME_PERSON,
-              "width": size[0], "height": size[1], "steps": steps, "seeds": seeds,
+              "width": size[0], "height": size[1], "steps": steps, "preset": args.preset,
+              "seeds": seeds,
               "prompts": prompts, "sheet": str(sheet_path), "summary": summary, "rows": rows}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     counts = summary["counts"]

@@ -58,6 +58,53 @@ def stage_flops(models: dict[str, Any]) -> dict[str, int]:
     return flops
 
 
+def ip_step_flops(models: dict[str, Any], flops: dict[str, int]) -> dict[str, int]:
+    """UNet step (CFG batch 2) with the identity stage's IP tokens at every SPEC size (the
+    portrait one is in `flops` already; landscape costs the same)."""
+    ip = fullsize.IP_TOKENS["faceid"] + fullsize.IP_TOKENS["plus_face"]
+    out = {}
+    for width, height in SPEC_SIZES:
+        key = f"UNet step + IP tokens, {width}x{height}"
+        same = f"UNet step + IP tokens, {height}x{width}"
+        out[key] = flops.get(key) or out.get(same) or count(
+            _unet_step(models, (width, height), ip))
+    return out
+
+
+def preset_costs(flops: dict[str, int], ip_steps: dict[str, int]) -> list[dict[str, Any]]:
+    """UNet passes and TFLOP per image for both presets at the five SPEC sizes, text and face
+    mode, from the per-step counts: quality 35 text steps (+ 20 refine), fast 8 (+ 5 refine,
+    `pipeline.presets.fast_refine_steps`). A pass is one UNet evaluation of one sample (CFG:
+    2 per step, as cfg 2.0 keeps guidance on); the refine's ControlNet runs with each. The
+    LoRA's own matmuls (unfused adapter) are not counted here (docs/performance.md)."""
+    from pipeline.presets import fast_refine_steps
+    from pipeline.schema import FAST_STEPS
+
+    steps = {"quality": (TEXT_STEPS, REFINE_STEPS), "fast": (FAST_STEPS,
+                                                              fast_refine_steps(FAST_STEPS))}
+    refine = flops["ControlNet + UNet step, refine 1024x1024"]
+    rows = []
+    for width, height in SPEC_SIZES:
+        size = f"{width}x{height}"
+        text_step = flops.get(f"UNet step (CFG batch 2), {size}") \
+            or flops[f"UNet step (CFG batch 2), {height}x{width}"]
+        for mode in ("text", "face"):
+            cost = {}
+            for preset, (gen, ref) in steps.items():
+                if mode == "text":
+                    total, passes = text_step * gen, 2 * gen
+                else:
+                    total = ip_steps[f"UNet step + IP tokens, {size}"] * gen + refine * ref
+                    passes = 2 * (gen + ref)
+                cost[preset] = (passes, total / 1e12)
+            rows.append({"size": size, "mode": mode,
+                         "quality_passes": cost["quality"][0], "fast_passes": cost["fast"][0],
+                         "quality_tflop": round(cost["quality"][1], 2),
+                         "fast_tflop": round(cost["fast"][1], 2),
+                         "ratio": round(cost["fast"][1] / cost["quality"][1], 3)})
+    return rows
+
+
 def paper_times(flops: dict[str, int], peak: float, utilisation: float) -> dict[str, float]:
     """Seconds per request on paper: the UNet stages at `utilisation` of `peak`."""
     rate = peak * utilisation * 1e12
@@ -80,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     models["sam"] = fullsize.meta_sam()
     flops = stage_flops(models)
     times = paper_times(flops, args.peak_tflops, args.utilisation)
+    presets = preset_costs(flops, ip_step_flops(models, flops))
     a100 = DIFFUSERS_A100["tflop"] / DIFFUSERS_A100["seconds"]
     print("| stage | TFLOP per call |\n|---|---:|")
     print("\n".join(f"| {k} | {v / 1e12:.3f} |" for k, v in flops.items()))
@@ -87,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{a100 / DIFFUSERS_A100['peak']:.0%} of its {DIFFUSERS_A100['peak']:.0f}")
     print(f"\n| on paper at {args.utilisation:.0%} of {args.peak_tflops} TFLOP/s | s |\n|---|---:|")
     print("\n".join(f"| {k} | {v:.2f} |" for k, v in times.items()))
+    print("\n| size | mode | UNet passes quality / fast | TFLOP quality / fast | fast/quality |"
+          "\n|---|---|---:|---:|---:|")
+    print("\n".join(f"| {r['size']} | {r['mode']} | {r['quality_passes']} / {r['fast_passes']} "
+                    f"| {r['quality_tflop']:.1f} / {r['fast_tflop']:.1f} | {r['ratio']:.3f} |"
+                    for r in presets))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"flops": flops, "paper_seconds": times,
+                                         "presets": presets,
                                          "peak_tflops": args.peak_tflops,
                                          "utilisation": args.utilisation}, indent=2) + "\n")
     return 0

@@ -3,7 +3,8 @@
 `load_models(settings)` is the one place the object graph is built: the picker first (llama.cpp
 reserves its vision buffers before the SDXL pipelines take their share of the GPU,
 docs/picker.md), the text pipe, the face models, then the identity stage's adapters, encoder and
-refine pipe (`load_identity_models`). Each pipe gets its speed switches once its adapters are in
+refine pipe (`load_identity_models`), and the fast preset's LoRA into both pipes (switched off;
+`pipeline.presets`). Each pipe gets its speed switches once its adapters are in
 and before the UNet swap takes its host copy; with a swapping `UnetSwap` the text UNet leaves the
 device before Juggernaut's arrives, so two UNets never meet on a 24 GB card, not even at load.
 The stages (`FaceSwapStage`, `IdentityModels`) only run what they are given.
@@ -30,6 +31,7 @@ from pipeline.identity import (
 from pipeline.instantid import load_refine_pipeline, recipe_for
 from pipeline.layout import Layout
 from pipeline.picker import FacePicker
+from pipeline.presets import load_fast_lora
 from pipeline.residency import REFINE_UNET, TEXT_UNET, UnetSwap
 from pipeline.settings import Settings
 from pipeline.speed import apply_speed_switches
@@ -61,14 +63,16 @@ def load_identity_models(layout: Layout, runtime: Runtime, text_pipe: Any, *,
                          cache: ComponentCache | None = None, residency: UnetSwap | None = None,
                          settings: Settings | None = None,
                          speed: dict[str, Any] | None = None) -> IdentityModels:
-    """Install the identity adapters into `text_pipe` and load the encoder and the refine pipe.
+    """Install the identity adapters into `text_pipe` and load the encoder and the refine pipe;
+    both pipes get the fast preset's LoRA (`pipeline.presets.load_fast_lora`, left off).
 
     `cache`: the one the text pipe was loaded with (components both checkpoints share load
     once). `settings`: apply the speed switches it asks for (reports into `speed`); None leaves
     both pipes as loaded (tests compare them with plain pipes byte for byte). `residency`:
     register both UNets, the text one leaving the device before the refine one is loaded."""
-    layout.check_present(identity_files(layout))
+    layout.check_present([*identity_files(layout), layout.fast_lora])
     adapters = install_identity_adapters(text_pipe, layout)
+    load_fast_lora(text_pipe, layout)  # the fast preset's adapter, off (pipeline.presets)
     if settings is not None:
         report = apply_speed_switches(text_pipe, runtime, **speed_options(settings))
         if speed is not None:
@@ -78,6 +82,7 @@ def load_identity_models(layout: Layout, runtime: Runtime, text_pipe: Any, *,
         residency.add(TEXT_UNET, text_pipe.unet)
         residency.release()
     refine_pipe = load_refine_pipeline(layout, runtime, cache=cache)
+    load_fast_lora(refine_pipe, layout)
     if settings is not None:
         report = apply_speed_switches(refine_pipe, runtime, **speed_options(settings))
         if speed is not None:

@@ -67,6 +67,10 @@ class OutputTooLarge(InvalidInput):
     """The encoded response would exceed the transport's size limit."""
 
 
+class UploadFailed(PipelineError):
+    """An image could not be put in the bucket (`output.upload`) after every try."""
+
+
 def shorten(value: object, limit: int = 80) -> str:
     """repr() of a value, cut to ``limit`` characters so error messages stay readable."""
     text = repr(value)

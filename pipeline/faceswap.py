@@ -6,6 +6,7 @@ Stages, in order (constants in `pipeline.faces`, `pipeline.identity`, `pipeline.
 2. generate: the primary checkpoint with IP-Adapter FaceID Plus v2 + Plus Face;
 3. target: detect faces in the generated scene (YOLO), choose one, crop around it, SAM mask;
 4. refine: InstantID inpainting of the crop on the second checkpoint;
+(2 and 4 run under the request's preset, `pipeline.presets`: fast adds its LoRA, fewer steps)
 5. paste back with a feathered, blurred mask, and score the identity (ArcFace cosine).
 No face in the scene: the generated image is returned with `applied: false` and the reason, or
 an error when the request sets `require_face_swap`.
@@ -13,6 +14,8 @@ an error when the request sets `require_face_swap`.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ from pipeline.generate import GenerationParams
 from pipeline.identity import IdentityModels, ReferenceIdentity
 from pipeline.image_input import load_reference_image
 from pipeline.instantid import RefineRecipe
+from pipeline.presets import fast_adapters, preset_mode, refine_recipe
 from pipeline.schema import Request
 
 # Paste-back (seed recipe): the SAM mask is blurred by MASK_BLUR_PX, and the crop's own edge is
@@ -93,12 +97,29 @@ class FaceSwapStage:
     def run(self, request: Request, params: GenerationParams, timings: Any,
             notify: Any) -> tuple[Image.Image, dict[str, Any]]:
         """The whole mode: reference, identity generation, then the swap onto the scene."""
-        face, reference, report = self.reference(request, timings, notify)
-        notify("generating")
-        with timings.stage("generate"):
-            scene = self.identity.generate(params, reference)
-        final = self.swap_onto(scene, face, reference, request, params, timings, notify, report)
-        return final, report
+        return self.run_all(request, [params], timings, notify)[0]
+
+    def run_all(self, request: Request, params_each: Sequence[GenerationParams], timings: Any,
+                notify: Any) -> list[tuple[Image.Image, dict[str, Any]]]:
+        """The mode for several images (`num_outputs`): the reference stage (fetch, detection,
+        embeddings, picker) once, then every image's generation, then every image's swap (so a
+        24 GB card swaps its UNets twice per request, not per image); each image gets its own
+        report, the reference part a copy of the one analysis."""
+        face, reference, shared = self.reference(request, timings, notify)
+        scenes = []
+        for index, params in enumerate(params_each):
+            notify("generating" if len(params_each) == 1
+                   else f"generating image {index + 1} of {len(params_each)}")
+            with timings.stage("generate"), preset_mode(self.identity.text_pipe, request.preset):
+                scenes.append(self.identity.generate(params, reference,
+                                                     extra_lora=fast_adapters(request.preset)))
+        outputs = []
+        for scene, params in zip(scenes, params_each, strict=True):
+            report = copy.deepcopy(shared)
+            final = self.swap_onto(scene, face, reference, request, params, timings, notify,
+                                   report)
+            outputs.append((final, report))
+        return outputs
 
     def reference(self, request: Request, timings: Any,
                   notify: Any) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
@@ -163,10 +184,12 @@ class FaceSwapStage:
         with timings.stage("refine"):
             keypoints = face_ops.target_keypoints(target) - np.array(box[:2], dtype=np.float32)
             refine_report: dict[str, Any] = {}
-            refined = self.identity.refine(scene.crop(box),
-                                           Image.fromarray(crop_mask.astype(np.uint8) * 255),
-                                           keypoints, reference, params, recipe=recipe,
-                                           report=refine_report)
+            recipe = refine_recipe(recipe or self.identity.recipe, request.preset, params.steps)
+            with preset_mode(self.identity.refine_pipe, request.preset):
+                refined = self.identity.refine(scene.crop(box),
+                                               Image.fromarray(crop_mask.astype(np.uint8) * 255),
+                                               keypoints, reference, params, recipe=recipe,
+                                               report=refine_report)
             report["refine"] = refine_report
         with timings.stage("paste"):
             final = paste_back(scene, refined, paste_mask(crop_mask), box)

@@ -24,7 +24,7 @@ Refinement (`IdentityModels.refine`) is `pipeline.instantid`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,11 +189,14 @@ def install_identity_adapters(pipe: StableDiffusionXLPipeline, layout: Layout) -
 
 @contextmanager
 def identity_priors(pipe: StableDiffusionXLPipeline, adapters: IdentityAdapters,
-                    scales: IdentityScales, clip_embeds: torch.Tensor) -> Iterator[None]:
+                    scales: IdentityScales, clip_embeds: torch.Tensor,
+                    extra_lora: Mapping[str, float] | None = None) -> Iterator[None]:
     """Switch `pipe` into identity mode for the calls inside, then restore it exactly.
 
     `clip_embeds` are FaceID Plus's CLIP hidden states, shaped (batch, 1, tokens, width), batch
-    laid out like `ip_adapter_image_embeds` (negative first under guidance)."""
+    laid out like `ip_adapter_image_embeds` (negative first under guidance). `extra_lora`:
+    more peft adapters (name -> weight) active together with the FaceID LoRA (the fast
+    preset's, `pipeline.presets.fast_adapters`)."""
     unet = pipe.unet
     saved_mode = _UnetMode.capture(unet)
     saved_lora = _LoraState.capture(unet)
@@ -204,8 +207,11 @@ def identity_priors(pipe: StableDiffusionXLPipeline, adapters: IdentityAdapters,
         faceid.clip_embeds = clip_embeds
         faceid.shortcut = True  # Plus v2
         faceid.shortcut_scale = scales.faceid_structure
+        lora = dict(extra_lora or {})
         if scales.faceid_lora != 0:
-            unet.set_adapters([FACEID_LORA_ADAPTER], weights=[scales.faceid_lora])
+            lora = {FACEID_LORA_ADAPTER: scales.faceid_lora, **lora}
+        if lora:
+            unet.set_adapters(list(lora), weights=list(lora.values()))
             unet.enable_lora()
         else:
             unet.disable_lora()
@@ -270,8 +276,10 @@ class IdentityModels:
         return self.residency.holding(name) if self.residency is not None else nullcontext()
 
     def generate(self, params: GenerationParams, reference: ReferenceIdentity,
-                 scales: IdentityScales = IdentityScales()) -> Image.Image:
-        """Text-to-image on the primary pipe with both IP-Adapters; the pipe is restored after."""
+                 scales: IdentityScales = IdentityScales(),
+                 extra_lora: Mapping[str, float] | None = None) -> Image.Image:
+        """Text-to-image on the primary pipe with both IP-Adapters; the pipe is restored after.
+        `extra_lora`: adapters active with the FaceID LoRA (`identity_priors`)."""
         with_negative = params.cfg > 1.0
         with self._holding(TEXT_UNET):
             unet = self.text_pipe.unet
@@ -279,7 +287,7 @@ class IdentityModels:
             clip = clip.to(device=unet.device, dtype=unet.dtype)
             faceid = faceid_embeds(reference, with_negative, unet.device, unet.dtype)
             embeds = [faceid, clip]  # load order: FaceID Plus v2, Plus Face
-            with identity_priors(self.text_pipe, self.adapters, scales, clip):
+            with identity_priors(self.text_pipe, self.adapters, scales, clip, extra_lora):
                 return text_to_image(self.text_pipe, params, ip_adapter_image_embeds=embeds)
 
     def refine(self, crop: Image.Image, mask: Image.Image, target_keypoints: np.ndarray,

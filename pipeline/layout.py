@@ -70,6 +70,11 @@ class Layout:
     def instantid_adapter(self) -> Path:
         return self.instantid_dir / "ip-adapter.bin"
 
+    # The fast preset's few-step LoRA (ByteDance Hyper-SD, pipeline.presets).
+    @property
+    def fast_lora(self) -> Path:
+        return self.root / "hyper-sd" / "Hyper-SDXL-8steps-CFG-lora.safetensors"
+
     @property
     def sam_vit_b(self) -> Path:
         return self.root / "sam" / "sam_vit_b_01ec64.pth"

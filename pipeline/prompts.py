@@ -16,6 +16,8 @@ The recipe's users write A1111/ComfyUI prompts (the recipe's own negative prefix
   the prompt's text (its first window, as A1111 and ComfyUI take it). Prompt and negative are
   padded to the same number of windows.
 - A prompt over `MAX_PROMPT_TOKENS` is refused with `InvalidInput` naming the field: never cut.
+- Inside `encodings_reused()` (one request: `CharacterService.run`) each pipe encodes a prompt
+  pair once; the images of a `num_outputs` request share the tensors.
 
 The token counts are those of the text the model sees (syntax removed, prefixes included,
 start/end markers excluded), read with the pipeline's own tokenizer.
@@ -26,6 +28,9 @@ from __future__ import annotations
 import math
 import re
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,9 +223,32 @@ def prompt_encoder(pipe: Any) -> PromptEncoder:
     return encoder
 
 
+# The encodings of the request running now (`encodings_reused`), by pipe and prompt pair.
+_REUSED: ContextVar[dict[tuple, PromptEmbeds] | None] = ContextVar("prompt_embeds_reused",
+                                                                    default=None)
+
+
+@contextmanager
+def encodings_reused() -> Iterator[None]:
+    """Within this block each pipe encodes a prompt pair once (one request's images share the
+    conditioning); forgotten when the block ends, so a later request encodes afresh."""
+    token = _REUSED.set({})
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
+
+
 def encode_prompts(pipe: Any, prompt: str, negative_prompt: str) -> PromptEmbeds:
     """The pipe's conditioning for a (prefixed) prompt pair; see `PromptEncoder.encode`."""
-    return prompt_encoder(pipe).encode(prompt, negative_prompt)
+    encoder = prompt_encoder(pipe)
+    reused = _REUSED.get()
+    if reused is None:
+        return encoder.encode(prompt, negative_prompt)
+    key = (id(pipe), encoder.key, prompt, negative_prompt)
+    if key not in reused:
+        reused[key] = encoder.encode(prompt, negative_prompt)
+    return reused[key]
 
 
 def count_tokens(pipe: Any, text: str, field: str = "prompt") -> int:

@@ -37,6 +37,10 @@ MAX_IMAGE_URL_CHARS = 28 * 1024 * 1024
 MAX_VOLUME_PATH_CHARS = 200
 MAX_FOLDER_NAME_BYTES = 255  # a folder name longer than this fails on every common filesystem
 MAX_FACE_INDEX = 63
+# Presets (pipeline.presets, which needs torch, holds the same numbers and the rest).
+PRESET_CHOICES = ("quality", "fast")
+FAST_STEPS, FAST_MIN_STEPS, FAST_MAX_STEPS = 8, 4, 12
+MAX_OUTPUTS = 4  # images per request (Replicate's habit); image i uses seed + i
 
 # The Cog-only upload input (RunPod payloads cannot carry files); it becomes `Request.image_path`.
 UPLOAD = "image"
@@ -184,8 +188,13 @@ class Inputs(metaclass=_SpecNamespace):
                        ge=SIZE_MIN, le=SIZE_MAX, multiple_of=SIZE_MULTIPLE)
     steps = FieldSpec(int, 35, "Sampling steps.", ge=1, le=100)
     cfg = FieldSpec(float, 2.0, "Classifier-free guidance scale.", ge=0.0, le=20.0)
+    preset = FieldSpec(str, "quality", "quality: the full recipe; fast: an 8-step LoRA "
+                       f"(steps omitted: {FAST_STEPS}; given: {FAST_MIN_STEPS}-{FAST_MAX_STEPS}).",
+                       choices=PRESET_CHOICES)
     seed = FieldSpec(int, None, "Seed for reproducible output; random when omitted. "
                      "The seed used is always returned.", ge=0, le=MAX_SEED, nullable=True)
+    num_outputs = FieldSpec(int, 1, "How many images; image i uses seed + i, so each one can "
+                            "be made again alone with its seed.", ge=1, le=MAX_OUTPUTS)
     image_url = FieldSpec(str, None, "Face reference image: an http(s) URL or a data: URI. "
                           "Enables face swap.", nullable=True, max_length=MAX_IMAGE_URL_CHARS,
                           cog_max_length=False, refine=_blank_is_none)
@@ -219,6 +228,8 @@ class OutputInputs(metaclass=_SpecNamespace):
                        cog_name="output_format")
     quality = FieldSpec(int, 95, "JPEG/WebP quality (PNG is lossless and ignores it).",
                         ge=1, le=100, cog_name="output_quality")
+    upload = FieldSpec(bool, False, "Upload each image to the configured S3-compatible bucket "
+                       "and return its URL (RunPod).", runpod_only=True)
 
 
 REQUEST_FIELDS: tuple[FieldSpec, ...] = tuple(Inputs)
@@ -237,6 +248,7 @@ class OutputOptions:
     volume_path: str = OutputInputs.volume_path.default
     format: str = OutputInputs.format.default
     quality: int = OutputInputs.quality.default
+    upload: bool = OutputInputs.upload.default
 
 
 @dataclass(frozen=True)
@@ -250,7 +262,9 @@ class Request:
     height: int = Inputs.height.default
     steps: int = Inputs.steps.default
     cfg: float = Inputs.cfg.default
+    preset: str = Inputs.preset.default
     seed: int | None = Inputs.seed.default
+    num_outputs: int = Inputs.num_outputs.default
     image_url: str | None = Inputs.image_url.default
     face_description: str = Inputs.face_description.default
     face_index: int | None = Inputs.face_index.default
@@ -386,10 +400,31 @@ def validate_request(payload: Any, *, upload: str | None = None,
     if upload is not None and values[Inputs.image_url.name] is not None:
         raise InvalidInput(UPLOAD, f"must not be given together with `{Inputs.image_url.name}` "
                                    "(give one of them), got both")
+    seed, count = values[Inputs.seed.name], values[Inputs.num_outputs.name]
+    if seed is not None and seed + count - 1 > MAX_SEED:
+        raise InvalidInput(Inputs.seed.name, f"must be at most {MAX_SEED - count + 1} with "
+                                             f"num_outputs {count} (image i uses seed + i), "
+                                             f"got {seed}")
+    values[Inputs.steps.name] = _preset_steps(payload, values)
     output = validate_output(payload.get("output"))
     if output.save_to_volume and volume_root is not None:
         resolve_volume_dir(output.volume_path, volume_root)
     return Request(**values, output=output, image_path=upload)
+
+
+def _preset_steps(payload: dict, values: dict[str, Any]) -> int:
+    """The steps to run: as given for quality; for fast, FAST_STEPS when omitted, else they
+    must lie in FAST_MIN_STEPS..FAST_MAX_STEPS (the LoRA is distilled for few steps)."""
+    steps = values[Inputs.steps.name]
+    if values[Inputs.preset.name] != "fast":
+        return steps
+    if Inputs.steps.name not in payload:
+        return FAST_STEPS
+    if not FAST_MIN_STEPS <= steps <= FAST_MAX_STEPS:
+        raise InvalidInput(Inputs.steps.name, f"must be {FAST_MIN_STEPS} to {FAST_MAX_STEPS} "
+                                              f"with preset fast (or omitted: {FAST_STEPS}), "
+                                              f"got {steps}")
+    return steps
 
 
 def is_omitted(value: Any) -> bool:
@@ -422,6 +457,11 @@ def payload_from_cog(inputs: dict[str, Any]) -> dict[str, Any]:
             payload[spec.name] = value
     if output:
         payload["output"] = output
+    # Cog sends every input, so its steps default stands for "omitted" under preset fast.
+    preset = payload.get(Inputs.preset.name)
+    if isinstance(preset, str) and preset.lower() == "fast" \
+            and payload.get(Inputs.steps.name) == Inputs.steps.default:
+        del payload[Inputs.steps.name]
     return payload
 
 

@@ -23,6 +23,8 @@ from PIL import Image
 from pipeline.assemble import load_models
 from pipeline.faceswap import FaceSwapStage
 from pipeline.generate import GenerationParams, prompt_tokens, text_to_image
+from pipeline.presets import FAST, preset_mode, scheduler_name
+from pipeline.prompts import encodings_reused
 from pipeline.residency import TEXT_UNET, UnetSwap
 from pipeline.schema import MAX_SEED, Request
 from pipeline.settings import Settings
@@ -41,8 +43,19 @@ BUNDLED_WARM_UP_FACE = Path(__file__).resolve().parent / "assets" / "warm_up_fac
 
 
 @dataclass
+class ImageResult:
+    """One image of a request (`num_outputs`): its pixels, seed and face-swap report."""
+
+    image: Image.Image
+    seed: int
+    face_swap: dict[str, Any] | None = None
+
+
+@dataclass
 class Result:
-    """What one request produced: the image and everything the response reports about it."""
+    """What one request produced: the image and everything the response reports about it;
+    `image`, `seed` and `face_swap` are the first image's, `images` holds every image (the
+    first included), and `timings` are summed over the images."""
 
     image: Image.Image
     seed: int
@@ -51,6 +64,15 @@ class Result:
     face_swap: dict[str, Any] | None = None
     # Tokens the model saw, prefixes included: {"prompt": n, "negative_prompt": m}.
     prompt_tokens: dict[str, int] | None = None
+    # What sampled it (`pipeline.presets`): the preset, text steps run, scheduler class name.
+    preset: str | None = None
+    steps: int | None = None
+    scheduler: str | None = None
+    images: list[ImageResult] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            self.images = [ImageResult(self.image, self.seed, self.face_swap)]
 
     def report(self) -> dict[str, Any]:
         """The JSON-ready description of the result (everything but the pixels)."""
@@ -63,6 +85,8 @@ class Result:
         }
         if self.prompt_tokens is not None:
             report["prompt_tokens"] = self.prompt_tokens
+        if self.preset is not None:
+            report.update(preset=self.preset, steps=self.steps, scheduler=self.scheduler)
         if self.face_swap is not None:
             report["face_swap"] = self.face_swap
         return report
@@ -81,8 +105,11 @@ class Timings(dict):
 
 
 def resolve_seed(request: Request) -> int:
-    """The request's seed, or a fresh random one in the same range."""
-    return request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    """The request's seed, or a fresh random one, drawn once, such that every image's
+    `seed + i` stays within MAX_SEED."""
+    if request.seed is not None:
+        return request.seed
+    return secrets.randbelow(MAX_SEED + 1 - (request.num_outputs - 1))
 
 
 class CharacterService:
@@ -117,7 +144,8 @@ class CharacterService:
     def warm_up(self) -> dict[str, float]:
         """Run every path once so the first real request pays no lazy initialisation (cuDNN
         autotune, onnxruntime, YOLO, SAM, CLIP, InstantID, the picker's vision encoder); returns
-        the seconds of each warm-up stage, also logged.
+        the seconds of each warm-up stage, also logged. One small text generation also runs
+        with the fast preset (its LoRA and scheduler; counted in `text`).
 
         Text: a small generation; with `torch.compile` on, also one at each of
         `COMPILE_WARM_UP_SIZES`, whose seconds (mostly compilation) are kept in
@@ -141,6 +169,10 @@ class CharacterService:
                     seconds = round(time.perf_counter() - started, 2)
                     compile_report.setdefault("warm_up_seconds", {})[f"{width}x{height}"] = seconds
                     log.info("warm-up %dx%d with torch.compile: %.1f s", width, height, seconds)
+            with stages.stage("text"), self.residency.holding(TEXT_UNET), \
+                    preset_mode(self.text_pipe, FAST):
+                text_to_image(self.text_pipe, GenerationParams(
+                    "warm-up", "", WARM_UP_SIZE, WARM_UP_SIZE, WARM_UP_STEPS, 2.0, 0))
             if self.warm_up_reference is not None:
                 self._warm_up_face(stages)
             self.residency.use(TEXT_UNET)  # serving starts where text requests expect it
@@ -177,20 +209,32 @@ class CharacterService:
         seed = resolve_seed(request)
         params = GenerationParams(request.prompt, request.negative_prompt, request.width,
                                   request.height, request.steps, request.cfg, seed)
+        # Image i of `num_outputs` is image 0 of the same request with seed + i.
+        each = [dataclasses.replace(params, seed=seed + i) for i in range(request.num_outputs)]
         timings = Timings()
-        with self._lock:
+        with self._lock, encodings_reused():
             # Counted (and refused over the limit) before any stage runs.
             tokens = prompt_tokens(self.text_pipe, params)
             swapped = self.residency.seconds
             if request.wants_face_swap:
-                image, report = self.face_swap.run(request, params, timings, notify)
-                result = Result(image, seed, "face_swap", dict(timings), report)
+                images = [ImageResult(image, one.seed, report) for (image, report), one in zip(
+                    self.face_swap.run_all(request, each, timings, notify), each, strict=True)]
+                mode = "face_swap"
             else:
-                notify("generating")
-                with timings.stage("generate"), self.residency.holding(TEXT_UNET):
-                    image = text_to_image(self.text_pipe, params)
-                result = Result(image, seed, "text", dict(timings))
+                images = []
+                for one in each:
+                    notify("generating" if len(each) == 1
+                           else f"generating image {one.seed - seed + 1} of {len(each)}")
+                    with timings.stage("generate"), self.residency.holding(TEXT_UNET), \
+                            preset_mode(self.text_pipe, request.preset):
+                        images.append(ImageResult(text_to_image(self.text_pipe, one), one.seed))
+                mode = "text"
+            first = images[0]
+            result = Result(first.image, seed, mode, dict(timings), first.face_swap,
+                            images=images)
             result.prompt_tokens = tokens
+            result.preset, result.steps = request.preset, params.steps
+            result.scheduler = scheduler_name(self.text_pipe, request.preset)
             if self.residency.seconds > swapped:
                 # Inside "generate"/"refine" already; reported apart so the cost is visible.
                 result.timings["unet_swap"] = self.residency.seconds - swapped

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline.errors import SettingsError
 from pipeline.layout import DEFAULT_WEIGHTS_DIR
@@ -50,9 +51,15 @@ SETTINGS: tuple[Setting, ...] = (
             "(costs VRAM)"),
     Setting("PIPELINE_REFINE_GUIDE_SIZE", "1024", "InstantID's work size, 64..1024 (tests use "
             "256 on the CPU)"),
-    Setting("RESPONSE_LIMIT_BYTES", "10 MB", "largest base64 image returned inline, at most "
-            "20 MB (RunPod's /runsync limit)"),
+    Setting("RESPONSE_LIMIT_BYTES", "10 MB", "largest base64 returned inline (all images of a "
+            "request together), at most 20 MB (RunPod's /runsync limit)"),
     Setting("VOLUME_ROOT", "`/runpod-volume`", "where `output.save_to_volume` writes"),
+    Setting("BUCKET_ENDPOINT_URL", "none", "S3-compatible bucket for `output.upload`, the bucket "
+            "in the path (`https://<host>/<bucket>`), as RunPod's SDK reads it"),
+    Setting("BUCKET_ACCESS_KEY_ID", "none", "the bucket's access key (needed with the endpoint)"),
+    Setting("BUCKET_SECRET_ACCESS_KEY", "none", "the bucket's secret key (never logged)"),
+    Setting("BUCKET_PUBLIC_URL", "none", "return `<this>/<key>` instead of a presigned URL "
+            "(a public bucket or CDN in front of it)"),
 )
 
 
@@ -88,6 +95,48 @@ def _integer(env: Mapping[str, str], name: str, low: int, high: int) -> int | No
 
 
 @dataclass(frozen=True)
+class Bucket:
+    """Where `output.upload` puts images: an S3-compatible endpoint and one bucket on it."""
+
+    endpoint_url: str  # scheme://host[:port], the bucket taken out of the path
+    name: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)  # never in a log line or a report
+    public_url: str | None = None
+    region: str = "us-east-1"
+
+    def describe(self) -> str:
+        """For the start-up log: everything but the secret."""
+        public = f", public {self.public_url}" if self.public_url else ""
+        return (f"{self.endpoint_url}/{self.name} (key id {self.access_key_id}, secret "
+                f"<redacted>{public})")
+
+
+def _bucket(env: Mapping[str, str]) -> Bucket | None:
+    names = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")
+    values = [env.get(name, "").strip() for name in names]
+    if not any(values):
+        return None
+    missing = [name for name, value in zip(names, values) if not value]
+    if missing:
+        raise SettingsError(f"`{missing[0]}` must be set together with "
+                            f"{', '.join(n for n in names if n != missing[0])}, got nothing")
+    url, key_id, secret = values
+    parts = urlsplit(url)
+    segments = [segment for segment in parts.path.split("/") if segment]
+    if parts.scheme not in ("http", "https") or not parts.netloc or len(segments) != 1:
+        raise SettingsError(f"`BUCKET_ENDPOINT_URL` must be http(s)://<host>/<bucket> (the "
+                            f"bucket in the path), got {url!r}")
+    # AWS-style hosts name their region (`s3.<region>.amazonaws.com`), as RunPod's SDK reads it.
+    region = parts.netloc.split(".s3.")[1].split(".")[0] if ".s3." in parts.netloc else None
+    public = env.get("BUCKET_PUBLIC_URL", "").strip().rstrip("/") or None
+    if public is not None and urlsplit(public).scheme not in ("http", "https"):
+        raise SettingsError(f"`BUCKET_PUBLIC_URL` must be an http(s) URL, got {public!r}")
+    return Bucket(f"{parts.scheme}://{parts.netloc}", segments[0], key_id, secret, public,
+                  region or "us-east-1")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The validated settings (see `SETTINGS` for the variables)."""
 
@@ -101,6 +150,7 @@ class Settings:
     response_limit_bytes: int = DEFAULT_RESPONSE_LIMIT_BYTES
     volume_root: Path = DEFAULT_VOLUME_ROOT
     on_runpod: bool = False  # RunPod sets RUNPOD_WEBHOOK_GET_JOB: progress updates can be posted
+    bucket: Bucket | None = None  # `output.upload`'s destination; None: uploads are refused
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -131,11 +181,14 @@ class Settings:
             response_limit_bytes=DEFAULT_RESPONSE_LIMIT_BYTES if limit is None else limit,
             volume_root=Path(env.get("VOLUME_ROOT") or DEFAULT_VOLUME_ROOT),
             on_runpod=env.get("RUNPOD_WEBHOOK_GET_JOB") is not None,
+            bucket=_bucket(env),
         )
 
     def report(self) -> dict[str, str]:
-        """Every setting as text, for the start-up log."""
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        """Every setting as text, for the start-up log (the bucket's secret redacted)."""
+        report = {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        report["bucket"] = self.bucket.describe() if self.bucket else "none"
+        return report
 
 
 @contextmanager

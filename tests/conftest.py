@@ -61,3 +61,16 @@ def predictor(tiny_weights):
     instance = Predictor()
     instance.setup()
     return instance
+
+
+@pytest.fixture
+def worker(predictor, tmp_path, monkeypatch):
+    """The RunPod handler over the in-process Predictor, saving under a temporary volume."""
+    import dataclasses
+
+    import runpod_adapter
+
+    monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
+    monkeypatch.setattr(predictor, "settings", dataclasses.replace(
+        predictor.settings, volume_root=tmp_path / "volume"))
+    return runpod_adapter.handler

@@ -13,7 +13,6 @@ DNS), so no traffic leaves the process.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import inspect
 import io
 import struct
@@ -24,7 +23,6 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import runpod_adapter
 from pipeline.errors import PipelineError
 from pipeline.schema import OUTPUT_FIELDS
 from tests.face_images import marker_scene, noise_image
@@ -190,14 +188,6 @@ def _cog_inputs(predictor, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture
-def worker(predictor, tmp_path, monkeypatch):
-    monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
-    monkeypatch.setattr(predictor, "settings", dataclasses.replace(
-        predictor.settings, volume_root=tmp_path / "volume"))
-    return runpod_adapter.handler
 
 
 @pytest.fixture(scope="module")

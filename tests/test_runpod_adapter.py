@@ -14,18 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import runpod_adapter
-
 ROOT = Path(__file__).resolve().parent.parent
 FAST = {"width": 512, "height": 512, "steps": 2}
-
-
-@pytest.fixture
-def worker(predictor, tmp_path, monkeypatch):
-    monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
-    monkeypatch.setattr(predictor, "settings", dataclasses.replace(
-        predictor.settings, volume_root=tmp_path / "volume"))
-    return runpod_adapter.handler
 
 
 def test_text_job_returns_the_compatible_response(worker):

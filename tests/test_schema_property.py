@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.errors import InvalidInput
 from pipeline.schema import (
+    MAX_SEED,
     OUTPUT_FIELDS,
     REQUEST_FIELDS,
     FieldSpec,
@@ -98,6 +99,12 @@ def _valid_value(spec: FieldSpec) -> st.SearchStrategy:
 def valid_payloads(draw) -> dict[str, Any]:
     payload = {spec.name: draw(_valid_value(spec)) for spec in REQUEST_FIELDS
                if spec.required or draw(st.booleans())}
+    # The one cross-field rule of seeds: image i uses seed + i, all within MAX_SEED.
+    if payload.get("seed") is not None and "num_outputs" in payload:
+        payload["seed"] = min(payload["seed"], MAX_SEED - payload["num_outputs"] + 1)
+    # ...and of the fast preset: a given `steps` is 4..12 there.
+    if str(payload.get("preset", "")).lower() == "fast" and "steps" in payload:
+        payload["steps"] = min(max(payload["steps"], 4), 12)
     output = {spec.name: draw(_valid_value(spec)) for spec in OUTPUT_FIELDS if draw(st.booleans())}
     if output or draw(st.booleans()):
         payload["output"] = output

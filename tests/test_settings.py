@@ -72,7 +72,8 @@ def test_readme_lists_every_setting():
     assert table in readme
     read = {"WEIGHTS_DIR", "PIPELINE_DEVICE", "PIPELINE_UNET_SWAP", "PIPELINE_TORCH_COMPILE",
             "PIPELINE_TORCH_COMPILE_MODE", "PIPELINE_FUSE_QKV", "PIPELINE_REFINE_GUIDE_SIZE",
-            "RESPONSE_LIMIT_BYTES", "VOLUME_ROOT"}
+            "RESPONSE_LIMIT_BYTES", "VOLUME_ROOT", "BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID",
+            "BUCKET_SECRET_ACCESS_KEY", "BUCKET_PUBLIC_URL"}
     assert {s.variable for s in SETTINGS} == read
     source = (ROOT / "pipeline" / "settings.py").read_text()
     assert all(f'"{name}"' in source for name in read)

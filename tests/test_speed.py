@@ -188,14 +188,14 @@ def test_warm_up_runs_the_compile_sizes_and_reports_their_seconds(predictor, mon
     monkeypatch.setattr(type(service.text_pipe), "__call__", recording_call)
     monkeypatch.setattr(service, "speed", {"text": {"compile": {"applied": False}}})
     stages = service.warm_up()
-    # text, then the face path's generation with identity priors (also on the text pipe)
-    assert shapes == [(512, 512), (512, 512)]
+    # text, the fast preset's text, then the face path's generation with identity priors
+    assert shapes == [(512, 512), (512, 512), (512, 512)]
     assert list(stages) == ["text", "face_reference", "picker", "face_generate", "face_swap"]
     assert all(seconds > 0 for seconds in stages.values())
     shapes.clear()
     report = {"applied": True}
     monkeypatch.setattr(service, "speed", {"text": {"compile": report}})
     service.warm_up()
-    assert shapes == [(512, 512), *speed.COMPILE_WARM_UP_SIZES, (512, 512)]
+    assert shapes == [(512, 512), *speed.COMPILE_WARM_UP_SIZES, (512, 512), (512, 512)]
     assert set(report["warm_up_seconds"]) == {"512x512", "832x1216", "1216x832"}
     assert all(seconds > 0 for seconds in report["warm_up_seconds"].values())

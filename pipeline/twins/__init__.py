@@ -3,9 +3,9 @@
 `write_tiny_weights(root)` (CLI: `python -m pipeline.weights tiny DIR`) writes a complete weights
 tree that the production loaders read unchanged, in seconds and without network: the two SDXL
 single-file checkpoints and their config folder, the face models (InsightFace ONNX, YOLO, SAM),
-the identity models (CLIP ViT-H encoder, IP-Adapters, InstantID) and the picker's GGUF files,
-then the checkpoints' build-time conversion (`converted/`). The images they make are noise; the
-code paths are the real ones.
+the identity models (CLIP ViT-H encoder, IP-Adapters, InstantID, the fast preset's LoRA) and
+the picker's GGUF files, then the checkpoints' build-time conversion (`converted/`). The images
+they make are noise; the code paths are the real ones.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ width and attention-processor order) and for the tiny CLIP image encoder written
 - IP-Adapter Plus Face SDXL `.safetensors`: flat `image_proj.*` (Resampler) and `ip_adapter.*`.
 - InstantID: `ControlNetModel/` (`ControlNetModel.from_unet` of the tiny UNet, saved with
   safetensors) and `ip-adapter.bin` (Resampler over the 512-d ArcFace embedding, 16 tokens).
+- The fast preset's Hyper-SD LoRA (`pipeline.twins.fast_lora`), which the identity stage's
+  loader (`pipeline.assemble.load_identity_models`) loads into both pipes.
 
 Scaled so effects show with random weights: every matrix is drawn with std 1/sqrt(fan_in) (the
 trained LoRA "up" matrices and ControlNet zero-convolutions start at 0; here they are random
@@ -34,6 +36,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from pipeline.layout import Layout
+from pipeline.twins.fast_lora import write_fast_lora_twin
 
 log = logging.getLogger(__name__)
 
@@ -182,4 +185,5 @@ def write_identity_twins(layout: Layout) -> None:
         torch.save({"image_proj": _resampler(rand, EMBEDDING_SIZE, cross_dim),
                     "ip_adapter": _attention_layers(rand, unet, lora=False)},
                    layout.instantid_adapter)
+        write_fast_lora_twin(layout, unet)  # the fast preset's LoRA, loaded with these
     log.info("wrote the identity twins under %s", layout.root)
