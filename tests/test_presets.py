@@ -200,6 +200,8 @@ def runpod_server(tiny_weights, tmp_path_factory):
 
 
 def test_fast_requests_through_the_runpod_server(runpod_server):
+    quality = {"input": {"prompt": "a bard", "seed": 3, **SMALL}}
+    before = runpod_server.runsync(quality)
     text = runpod_server.runsync({"input": {"prompt": "a knight", "preset": "fast", **SMALL}})
     assert text["status"] == "COMPLETED", text
     assert (text["output"]["preset"], text["output"]["steps"]) == ("fast", 8)
@@ -213,6 +215,9 @@ def test_fast_requests_through_the_runpod_server(runpod_server):
         assert output["face_swap"]["refine"]["steps"] == 5
     refused = runpod_server.runsync({"input": {"prompt": "x", "preset": "turbo"}})
     assert refused["status"] == "FAILED" and "`preset`" in str(refused["error"])
+    after = runpod_server.runsync(quality)  # quality after fast: the bytes of before
+    assert before["output"]["preset"] == after["output"]["preset"] == "quality"
+    assert after["output"]["image_base64"] == before["output"]["image_base64"]
 
 
 # ------------------------------------------------------------------------- benchmark.py
