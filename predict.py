@@ -75,6 +75,7 @@ class Predictor(BasePredictor):
         face_index: int | None = Input(**Inputs.face_index.cog()),
         target_description: str = Input(**Inputs.target_description.cog()),
         target_index: int | None = Input(**Inputs.target_index.cog()),
+        identities: str = Input(**Inputs.identities.cog()),
         require_face_swap: bool = Input(**Inputs.require_face_swap.cog()),
         output_format: str = Input(**OutputInputs.format.cog()),
         output_quality: int = Input(**OutputInputs.quality.cog()),
@@ -86,8 +87,8 @@ class Predictor(BasePredictor):
             "num_outputs": num_outputs, "image_url": image_url,
             "face_description": face_description, "face_index": face_index,
             "target_description": target_description, "target_index": target_index,
-            "require_face_swap": require_face_swap, "output_format": output_format,
-            "output_quality": output_quality,
+            "identities": identities, "require_face_swap": require_face_swap,
+            "output_format": output_format, "output_quality": output_quality,
         })
         upload = None if image is None or is_omitted(image) else str(image)
         request = validate_request(payload, upload=upload)

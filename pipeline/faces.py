@@ -355,19 +355,28 @@ def face_mask(models: FaceModels, image: Image.Image, box: Box,
 def identity_similarity(models: FaceModels, reference: Face, image: Image.Image,
                         box: Box) -> float:
     """Cosine similarity of buffalo_l ArcFace embeddings: `reference.score_embedding` against
-    the face in `box` of `image` (aligned on InsightFace's keypoints found on its crop, else on
-    the template laid on the box)."""
+    the face in `box` of `image` (`embedding_in_box`)."""
     if not isinstance(reference, Face) or reference.score_embedding is None:
         raise ValueError("`reference` must be a Face from detect_reference_faces (its buffalo_l "
                          f"score_embedding is compared), got {shorten(reference)}")
+    return cosine(reference.score_embedding, embedding_in_box(models, image, box))
+
+
+def embedding_in_box(models: FaceModels, image: Image.Image, box: Box) -> np.ndarray:
+    """buffalo_l's ArcFace embedding of the face in `box` of `image`, aligned on InsightFace's
+    keypoints found on its crop, else on the template laid on the box."""
     bgr = _bgr(image)
     match = _face_in_box(models, bgr, box)
     keypoints = match.keypoints if match is not None and match.keypoints is not None else (
         template_keypoints(box))
-    other = _score_embedding(models, bgr, keypoints)
-    ref = np.asarray(reference.score_embedding, dtype=np.float32)
-    denominator = float(np.linalg.norm(ref) * np.linalg.norm(other))
-    return float(ref @ other) / denominator if denominator > 0 else 0.0
+    return _score_embedding(models, bgr, keypoints)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two embeddings; 0 when either is all zeros."""
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b) / denominator if denominator > 0 else 0.0
 
 
 def aligned_face_crop(image: Image.Image, face: Face) -> Image.Image:

@@ -29,7 +29,7 @@ from pipeline.identity import IdentityModels, ReferenceIdentity
 from pipeline.image_input import load_reference_image
 from pipeline.instantid import RefineRecipe
 from pipeline.presets import fast_adapters, preset_mode, refine_recipe
-from pipeline.schema import Request
+from pipeline.schema import Identity, Request
 
 # Paste-back (seed recipe): the SAM mask is blurred by MASK_BLUR_PX, and the crop's own edge is
 # feathered over FEATHER_PX so no seam shows where the refined crop meets the scene.
@@ -123,23 +123,29 @@ class FaceSwapStage:
 
     def reference(self, request: Request, timings: Any,
                   notify: Any) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
-        """Load the reference image and choose its face; every identity stage uses that face."""
-        image_field = "image_url" if request.image_url is not None else "image"
+        """Load the (first) reference image and choose its face; every identity stage uses that
+        face."""
         notify("loading reference")
+        return self.load_identity(request.references[0], timings)
+
+    def load_identity(self, identity: Identity, timings: Any
+                      ) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
+        """Fetch one identity's reference image and choose its face (errors name its fields)."""
         with timings.stage("reference"):
-            reference_image = load_reference_image(url=request.image_url,
-                                                   path=request.image_path)
-            return self.identify(reference_image, request.face_index, request.face_description,
-                                 image_field)
+            image = load_reference_image(url=identity.image_url, path=identity.image_path,
+                                         url_field=identity.image_field)
+            return self.identify(image, identity.face_index, identity.face_description,
+                                 identity.image_field, index_field=identity.field + "face_index")
 
     def identify(self, image: Image.Image, index: int | None, description: str,
-                 image_field: str) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
+                 image_field: str, index_field: str = "face_index"
+                 ) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
         """Detect the faces of a reference photo, choose one, and compute what every identity
         stage takes from it; returns the face, its identity and the reference report."""
         found = face_ops.detect_reference_faces(self.faces, image)
         if not found:
             raise NoFaceFound(image_field)
-        ref_index, ref_reason = self.choose(image, found, index, description, "face_index",
+        ref_index, ref_reason = self.choose(image, found, index, description, index_field,
                                             image_field)
         face = found[ref_index]
         # FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's: each gets its
@@ -171,9 +177,11 @@ class FaceSwapStage:
                     "face swap not applied: no face found in the generated image "
                     "(`require_face_swap` is true)")
             return scene
+        # The warm-up's request has no reference of its own: its target is chosen as by default.
+        identity = request.references[0] if request.references else Identity(None)
         target_index, target_reason = self.choose(
-            scene, targets, request.target_index, request.target_description, "target_index",
-            "image_url" if request.image_url is not None else "image")
+            scene, targets, identity.target_index, identity.target_description,
+            identity.field + "target_index", identity.image_field)
         target = targets[target_index]
         report["target"] = _faces_report(targets, target_index, target_reason)
         notify("refining the face")

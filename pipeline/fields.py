@@ -7,6 +7,7 @@ Plain Python (no torch), like the schema.
 
 from __future__ import annotations
 
+import json
 import math
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ class FieldSpec:
     """One request field: its JSON type, default and limits. `name` is the attribute name in its
     namespace (`Inputs`, `OutputInputs`), filled in there."""
 
-    kind: type  # str, int, float or bool
+    kind: type  # str, int, float, bool, or list (of `items` objects)
     default: Any
     description: str
     _: KW_ONLY
@@ -42,11 +43,19 @@ class FieldSpec:
     cog_max_length: bool = True  # False: Cog is not told max_length (image_url: data: URIs)
     # A last rule after the type and limits: (value, dotted name) -> the value kept.
     refine: Callable[[Any, str], Any] | None = None
+    # kind list: the namespace of each entry's fields, and how many entries (at least one).
+    items: Any = None
+    max_items: int | None = None
     name: str = ""
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+    @property
+    def cog_default(self) -> Any:
+        """The Cog input's default: a list travels as a JSON string, empty when omitted."""
+        return "" if self.kind is list else self.default
 
     @property
     def cog_key(self) -> str:
@@ -56,6 +65,8 @@ class FieldSpec:
     def cog(self) -> dict[str, Any]:
         """Keyword arguments for `cog.Input(...)`: `Input(**Inputs.width.cog())`."""
         kwargs: dict[str, Any] = {"description": self.description}
+        if self.kind is list:  # Cog: one string input holding the list as JSON
+            return {**kwargs, "default": self.cog_default}
         if not self.required:
             kwargs["default"] = self.default
         for key in ("ge", "le", "max_length"):
@@ -132,6 +143,59 @@ def _check_text(spec: FieldSpec, name: str, value: Any) -> str:
     return value.lower() if spec.choices is not None else value
 
 
+def _reject_unknown(value: dict, specs: tuple[FieldSpec, ...], prefix: str,
+                    also_known: tuple[str, ...] = ()) -> None:
+    known = {spec.name for spec in specs} | set(also_known)
+    unknown = [key for key in value if key not in known]
+    if unknown:
+        name = prefix + (str(unknown[0]) or repr(unknown[0]))
+        raise InvalidInput(name, f"is not a known field (known: {', '.join(sorted(known))})")
+
+
+def check_object(value: dict, specs: tuple[FieldSpec, ...], prefix: str,
+                 also_known: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every spec's value from the object `value` (its default when omitted), checked; names
+    in errors are `prefix` + the field's name."""
+    _reject_unknown(value, specs, prefix, also_known)
+    values: dict[str, Any] = {}
+    for spec in specs:
+        if spec.name in value:
+            values[spec.name] = check_field(spec, value[spec.name], prefix + spec.name)
+        elif spec.required:
+            raise InvalidInput(prefix + spec.name, "is required")
+        else:
+            values[spec.name] = spec.default
+    return values
+
+
+def _check_list(spec: FieldSpec, name: str, value: Any) -> list[dict[str, Any]] | None:
+    """A list of objects, each checked against `spec.items`; a string is the list as JSON (Cog
+    has no list-of-objects input), the empty string meaning omitted."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise InvalidInput(name, f"must be a JSON array of objects, got {shorten(value)} "
+                                     f"({error.msg} at character {error.pos})") from None
+    if not isinstance(value, list):
+        raise InvalidInput(name, f"must be an array of objects, got {type_name(value)} "
+                                 f"{shorten(value)}")
+    if not value:
+        raise InvalidInput(name, "must hold at least one entry, got an empty array")
+    if spec.max_items is not None and len(value) > spec.max_items:
+        raise InvalidInput(name, f"must hold at most {spec.max_items} entries, got {len(value)}")
+    entries = []
+    for position, entry in enumerate(value):
+        where = f"{name}[{position}]"
+        if not isinstance(entry, dict):
+            raise InvalidInput(where, f"must be an object, got {type_name(entry)} "
+                                      f"{shorten(entry)}")
+        entries.append(check_object(entry, tuple(spec.items), where + "."))
+    return entries
+
+
 def check_field(spec: FieldSpec, value: Any, name: str | None = None) -> Any:
     """Validate one value against its spec; `name` is the dotted name used in errors."""
     name = name or spec.name
@@ -143,6 +207,10 @@ def check_field(spec: FieldSpec, value: Any, name: str | None = None) -> Any:
         if not isinstance(value, bool):
             raise InvalidInput(name, f"must be true or false, got {type_name(value)} "
                                      f"{shorten(value)}")
+    elif spec.kind is list:
+        value = _check_list(spec, name, value)
+        if value is None:
+            return None
     elif spec.kind in (int, float):
         value = _check_number(spec, name, value)
     else:
@@ -151,7 +219,8 @@ def check_field(spec: FieldSpec, value: Any, name: str | None = None) -> Any:
 
 
 def kind_name(spec: FieldSpec) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[spec.kind]
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            list: "an array of objects"}[spec.kind]
 
 
 def type_name(value: Any) -> str:

@@ -24,7 +24,7 @@ Refinement (`IdentityModels.refine`) is `pipeline.instantid`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,20 +275,35 @@ class IdentityModels:
     def _holding(self, name: str) -> AbstractContextManager[None]:
         return self.residency.holding(name) if self.residency is not None else nullcontext()
 
-    def generate(self, params: GenerationParams, reference: ReferenceIdentity,
+    def generate(self, params: GenerationParams,
+                 reference: ReferenceIdentity | Sequence[ReferenceIdentity],
                  scales: IdentityScales = IdentityScales(),
                  extra_lora: Mapping[str, float] | None = None) -> Image.Image:
         """Text-to-image on the primary pipe with both IP-Adapters; the pipe is restored after.
-        `extra_lora`: adapters active with the FaceID LoRA (`identity_priors`)."""
+        `extra_lora`: adapters active with the FaceID LoRA (`identity_priors`).
+
+        Several references: each one's tokens act only inside its own region of the image
+        (`identity_regions`: columns left to right, in the given order), through diffusers'
+        IP-Adapter attention masks; one reference runs exactly as before (no mask)."""
+        references = [reference] if isinstance(reference, ReferenceIdentity) else list(reference)
         with_negative = params.cfg > 1.0
         with self._holding(TEXT_UNET):
             unet = self.text_pipe.unet
-            clip = self.encoder.hidden_states(reference.face_crop, with_negative)
-            clip = clip.to(device=unet.device, dtype=unet.dtype)
-            faceid = faceid_embeds(reference, with_negative, unet.device, unet.dtype)
+            clips, faceids = [], []
+            for one in references:
+                clips.append(self.encoder.hidden_states(one.face_crop, with_negative).to(
+                    device=unet.device, dtype=unet.dtype))
+                faceids.append(faceid_embeds(one, with_negative, unet.device, unet.dtype))
+            # (batch, images, ...): image i of each adapter is reference i.
+            clip, faceid = torch.cat(clips, dim=1), torch.cat(faceids, dim=1)
             embeds = [faceid, clip]  # load order: FaceID Plus v2, Plus Face
+            kwargs: dict[str, Any] = {"ip_adapter_image_embeds": embeds}
+            if len(references) > 1:
+                masks = ip_adapter_masks(params.width, params.height, len(references))
+                masks = masks.to(device=unet.device, dtype=unet.dtype)
+                kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [masks] * len(embeds)}
             with identity_priors(self.text_pipe, self.adapters, scales, clip, extra_lora):
-                return text_to_image(self.text_pipe, params, ip_adapter_image_embeds=embeds)
+                return text_to_image(self.text_pipe, params, **kwargs)
 
     def refine(self, crop: Image.Image, mask: Image.Image, target_keypoints: np.ndarray,
                reference: ReferenceIdentity, params: GenerationParams, seed: int | None = None,
@@ -304,6 +319,28 @@ class IdentityModels:
                 controlnet_scale=scales.instantid_controlnet,
                 adapter_scale=scales.instantid_adapter, recipe=recipe or self.recipe,
                 report=report)
+
+
+def identity_regions(width: int, height: int, count: int) -> list[Image.Image]:
+    """The image split into `count` columns of equal width, left to right: region i is white
+    ("L" mode, 255) on column i only, so the regions are disjoint and cover the image."""
+    regions = []
+    for index in range(count):
+        left, right = round(index * width / count), round((index + 1) * width / count)
+        pixels = np.zeros((height, width), dtype=np.uint8)
+        pixels[:, left:right] = 255
+        regions.append(Image.fromarray(pixels))  # uint8, 2-D: mode "L"
+    return regions
+
+
+def ip_adapter_masks(width: int, height: int, count: int) -> torch.Tensor:
+    """`identity_regions` as one IP-Adapter's attention masks: (1, count, height, width), the
+    layout diffusers' `IPAdapterAttnProcessor2_0` takes per adapter (mask i for image i)."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    masks = IPAdapterMaskProcessor().preprocess(identity_regions(width, height, count),
+                                                height=height, width=width)
+    return masks.reshape(1, count, height, width)
 
 
 def identity_files(layout: Layout) -> list[Path]:

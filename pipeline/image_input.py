@@ -271,19 +271,20 @@ def _is_url(text: str) -> bool:
 
 def load_reference_image(*, url: str | None = None, path: str | Path | None = None,
                          resolve: Resolver | None = None,
-                         allow_loopback: bool = False) -> Image.Image:
+                         allow_loopback: bool = False,
+                         url_field: str = "image_url") -> Image.Image:
     """The reference image as RGB, from `image_url` (http(s) or data: URI) or the `image` upload.
 
     `resolve(host, port) -> [ip, ...]` replaces the system resolver and `allow_loopback` lets
     127.0.0.1 through (both for tests only). Raises
-    ImageInputError with field "image_url" or "image".
+    ImageInputError with field `url_field` (an `identities[i].image_url`) or "image".
     """
     if url is not None and path is not None:
         raise ImageInputError("image", "give either image or image_url, not both")
     if url is None and path is None:
         raise ValueError("load_reference_image needs url or path")
     if url is not None:
-        field, source = "image_url", url.strip()
+        field, source = url_field, url.strip()
     elif isinstance(path, str) and _is_url(path):
         # A URL in the Cog Path input: fetched under the same rules as image_url.
         field, source = "image", path.strip()

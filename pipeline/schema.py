@@ -18,7 +18,7 @@ and the value. The adapters only translate: Cog flattens `output.*` and may add 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +29,7 @@ from pipeline.fields import (  # noqa: F401  (REQUIRED, check_field: part of the
     FieldSpec,
     SpecNamespace,
     check_field,
+    check_object,
     kind_name,
     type_name,
 )
@@ -46,6 +47,7 @@ MAX_FACE_INDEX = 63
 PRESET_CHOICES = ("quality", "fast")
 FAST_STEPS, FAST_MIN_STEPS, FAST_MAX_STEPS = 8, 4, 12
 MAX_OUTPUTS = 4  # images per request (Replicate's habit); image i uses seed + i
+MAX_IDENTITIES = 4  # references per request, each on its own face of the scene
 
 # The Cog-only upload input (RunPod payloads cannot carry files); it becomes `Request.image_path`.
 UPLOAD = "image"
@@ -110,6 +112,26 @@ def resolve_volume_dir(volume_path: str, root: Path) -> Path:
     return target
 
 
+class IdentityInputs(metaclass=SpecNamespace):
+    """One reference: the single-reference fields of `Inputs` and each entry of `identities`."""
+
+    image_url = FieldSpec(str, REQUIRED, "Face reference image: an http(s) URL or a data: URI.",
+                          min_length=1, max_length=MAX_IMAGE_URL_CHARS, cog_max_length=False)
+    face_description = FieldSpec(str, "", "Which face of the reference to use, in words "
+                                 "(e.g. 'the woman on the left'); empty means the largest face.",
+                                 max_length=MAX_DESCRIPTION_CHARS)
+    face_index = FieldSpec(int, None, "Which face of the reference to use, 0-based in the "
+                           "order the response reports; overrides face_description.",
+                           ge=0, le=MAX_FACE_INDEX, nullable=True)
+    target_description = FieldSpec(str, "", "Which face of the generated scene receives the "
+                                    "identity, in words; empty means the largest face (with "
+                                    "identities: the largest face no other identity took).",
+                                    max_length=MAX_DESCRIPTION_CHARS)
+    target_index = FieldSpec(int, None, "Which face of the generated scene receives the "
+                             "identity, 0-based in the order the response reports.",
+                             ge=0, le=MAX_FACE_INDEX, nullable=True)
+
+
 class Inputs(metaclass=SpecNamespace):
     """The request's top-level fields (RunPod's `input`, Cog's inputs), in Cog's order."""
 
@@ -129,21 +151,20 @@ class Inputs(metaclass=SpecNamespace):
                      "The seed used is always returned.", ge=0, le=MAX_SEED, nullable=True)
     num_outputs = FieldSpec(int, 1, "How many images; image i uses seed + i, so each one can "
                             "be made again alone with its seed.", ge=1, le=MAX_OUTPUTS)
-    image_url = FieldSpec(str, None, "Face reference image: an http(s) URL or a data: URI. "
-                          "Enables face swap.", nullable=True, max_length=MAX_IMAGE_URL_CHARS,
-                          cog_max_length=False, refine=_blank_is_none)
-    face_description = FieldSpec(str, "", "Which face of the reference to use, in words "
-                                 "(e.g. 'the woman on the left'); empty means the largest face.",
-                                 max_length=MAX_DESCRIPTION_CHARS)
-    face_index = FieldSpec(int, None, "Which face of the reference to use, 0-based in the "
-                           "order the response reports; overrides face_description.",
-                           ge=0, le=MAX_FACE_INDEX, nullable=True)
-    target_description = FieldSpec(str, "", "Which face of the generated scene receives the "
-                                    "identity, in words; empty means the largest face.",
-                                    max_length=MAX_DESCRIPTION_CHARS)
-    target_index = FieldSpec(int, None, "Which face of the generated scene receives the "
-                             "identity, 0-based in the order the response reports.",
-                             ge=0, le=MAX_FACE_INDEX, nullable=True)
+    image_url = replace(IdentityInputs.image_url, default=None, nullable=True, min_length=None,
+                        refine=_blank_is_none,
+                        description="Face reference image: an http(s) URL or a data: URI. "
+                                    "Enables face swap.")
+    face_description = IdentityInputs.face_description
+    face_index = IdentityInputs.face_index
+    target_description = IdentityInputs.target_description
+    target_index = IdentityInputs.target_index
+    identities = FieldSpec(list, None, f"Several people: 1 to {MAX_IDENTITIES} references, each "
+                           "{image_url, face_description, face_index, target_description, "
+                           "target_index} (the single-reference fields' meanings), each placed on "
+                           "its own face of the scene; give it instead of image_url. Cog: the "
+                           "list as a JSON string.",
+                           nullable=True, items=IdentityInputs, max_items=MAX_IDENTITIES)
     require_face_swap = FieldSpec(bool, False, "Fail the request instead of returning the "
                                   "text-mode image when the swap cannot be applied.")
 
@@ -185,6 +206,33 @@ class OutputOptions:
     upload: bool = OutputInputs.upload.default
 
 
+IDENTITY_FIELDS: tuple[FieldSpec, ...] = tuple(IdentityInputs)
+# The single-reference fields a request with `identities` must leave alone (they would be
+# ignored): each entry carries its own.
+SINGLE_REFERENCE_FIELDS = tuple(spec for spec in IDENTITY_FIELDS if spec.name != "image_url")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One reference of a request and the scene face it goes to; `field` is where it came from
+    in the request (`identities[1].` or `` for the single-reference fields), for errors."""
+
+    image_url: str | None
+    face_description: str = IdentityInputs.face_description.default
+    face_index: int | None = IdentityInputs.face_index.default
+    target_description: str = IdentityInputs.target_description.default
+    target_index: int | None = IdentityInputs.target_index.default
+    field: str = ""
+    image_path: str | None = None  # a Cog upload (single-reference form only)
+
+    @property
+    def image_field(self) -> str:
+        """The request field that holds this reference's image, for errors."""
+        if self.image_url is None and self.image_path is not None:
+            return UPLOAD
+        return self.field + "image_url"
+
+
 @dataclass(frozen=True)
 class Request:
     """A validated request: every field typed, defaults (the `Inputs` specs') filled in; seed
@@ -204,6 +252,7 @@ class Request:
     face_index: int | None = Inputs.face_index.default
     target_description: str = Inputs.target_description.default
     target_index: int | None = Inputs.target_index.default
+    identities: tuple[Identity, ...] | None = Inputs.identities.default
     require_face_swap: bool = Inputs.require_face_swap.default
     output: OutputOptions = field(default_factory=OutputOptions)
     # A Cog upload (a local file); RunPod payloads cannot carry files and never set it.
@@ -211,7 +260,19 @@ class Request:
 
     @property
     def wants_face_swap(self) -> bool:
-        return self.image_url is not None or self.image_path is not None
+        return bool(self.identities) or self.image_url is not None or self.image_path is not None
+
+    @property
+    def references(self) -> tuple[Identity, ...]:
+        """Every identity of the request: the `identities` entries, or the one the
+        single-reference fields describe; empty in text mode."""
+        if self.identities:
+            return self.identities
+        if self.image_url is None and self.image_path is None:
+            return ()
+        return (Identity(self.image_url, self.face_description, self.face_index,
+                         self.target_description, self.target_index,
+                         image_path=self.image_path),)
 
 
 def _assert_mirrors(cls: type, specs: tuple[FieldSpec, ...], extra: tuple[str, ...]) -> None:
@@ -226,28 +287,7 @@ def _assert_mirrors(cls: type, specs: tuple[FieldSpec, ...], extra: tuple[str, .
 
 _assert_mirrors(OutputOptions, OUTPUT_FIELDS, ())
 _assert_mirrors(Request, REQUEST_FIELDS, ("output", "image_path"))
-
-
-def _reject_unknown(payload: dict, specs: tuple[FieldSpec, ...], prefix: str) -> None:
-    known = {spec.name for spec in specs} | ({"output"} if not prefix else set())
-    unknown = [key for key in payload if key not in known]
-    if unknown:
-        name = prefix + (str(unknown[0]) or repr(unknown[0]))
-        raise InvalidInput(name, f"is not a known field (known: {', '.join(sorted(known))})")
-
-
-def _check_object(value: Any, specs: tuple[FieldSpec, ...], prefix: str) -> dict[str, Any]:
-    """Every spec's value from the object `value` (its default when omitted), checked."""
-    _reject_unknown(value, specs, prefix)
-    values: dict[str, Any] = {}
-    for spec in specs:
-        if spec.name in value:
-            values[spec.name] = check_field(spec, value[spec.name], prefix + spec.name)
-        elif spec.required:
-            raise InvalidInput(prefix + spec.name, "is required")
-        else:
-            values[spec.name] = spec.default
-    return values
+_assert_mirrors(Identity, IDENTITY_FIELDS, ("field", "image_path"))
 
 
 def validate_output(value: Any) -> OutputOptions:
@@ -257,7 +297,7 @@ def validate_output(value: Any) -> OutputOptions:
     if not isinstance(value, dict):
         raise InvalidInput("output", f"must be an object, got {type_name(value)} "
                                      f"{shorten(value)}")
-    return OutputOptions(**_check_object(value, OUTPUT_FIELDS, "output."))
+    return OutputOptions(**check_object(value, OUTPUT_FIELDS, "output."))
 
 
 def validate_request(payload: Any, *, upload: str | None = None,
@@ -272,10 +312,11 @@ def validate_request(payload: Any, *, upload: str | None = None,
     if not isinstance(payload, dict):
         raise InvalidInput("input", f"must be an object, got {type_name(payload)} "
                                     f"{shorten(payload)}")
-    values = _check_object(payload, REQUEST_FIELDS, "")
+    values = check_object(payload, REQUEST_FIELDS, "", also_known=("output",))
     if upload is not None and values[Inputs.image_url.name] is not None:
         raise InvalidInput(UPLOAD, f"must not be given together with `{Inputs.image_url.name}` "
                                    "(give one of them), got both")
+    values[Inputs.identities.name] = _identities(values, upload)
     seed, count = values[Inputs.seed.name], values[Inputs.num_outputs.name]
     if seed is not None and seed + count - 1 > MAX_SEED:
         raise InvalidInput(Inputs.seed.name, f"must be at most {MAX_SEED - count + 1} with "
@@ -286,6 +327,38 @@ def validate_request(payload: Any, *, upload: str | None = None,
     if output.save_to_volume and volume_root is not None:
         resolve_volume_dir(output.volume_path, volume_root)
     return Request(**values, output=output, image_path=upload)
+
+
+def _identities(values: dict[str, Any], upload: str | None) -> tuple[Identity, ...] | None:
+    """The `identities` entries as `Identity`s; refuse what would be ignored or ambiguous: a
+    single reference (`image_url`, the `image` upload, `face_index`, ...) given too, and two
+    entries with the same `target_index`."""
+    entries = values[Inputs.identities.name]
+    if entries is None:
+        return None
+    name = Inputs.identities.name
+    if values[Inputs.image_url.name] is not None or upload is not None:
+        other = Inputs.image_url.name if upload is None else UPLOAD
+        raise InvalidInput(name, f"must not be given together with `{other}` (put every "
+                                 f"reference in `{name}`), got both")
+    for spec in SINGLE_REFERENCE_FIELDS:
+        if values[spec.name] != spec.default:
+            raise InvalidInput(spec.name, f"must not be given together with `{name}` (each "
+                                          f"entry has its own `{spec.name}`), got "
+                                          f"{shorten(values[spec.name])}")
+    identities = tuple(Identity(**entry, field=f"{name}[{position}].")
+                       for position, entry in enumerate(entries))
+    chosen: dict[int, int] = {}
+    for position, identity in enumerate(identities):
+        target = identity.target_index
+        if target is None:
+            continue
+        if target in chosen:
+            raise InvalidInput(f"{name}[{position}].target_index",
+                               f"chooses scene face {target}, as `{name}[{chosen[target]}]."
+                               "target_index` does: each identity needs its own face")
+        chosen[target] = position
+    return identities
 
 
 def _preset_steps(payload: dict, values: dict[str, Any]) -> int:

@@ -23,6 +23,7 @@ from PIL import Image
 from pipeline.assemble import load_models
 from pipeline.faceswap import FaceSwapStage
 from pipeline.generate import GenerationParams, prompt_tokens, text_to_image
+from pipeline.identities import MultiIdentityStage, single_identity_entry
 from pipeline.presets import FAST, preset_mode, scheduler_name
 from pipeline.prompts import encodings_reused
 from pipeline.residency import TEXT_UNET, UnetSwap
@@ -203,6 +204,19 @@ class CharacterService:
             stage.swap_onto(image, face, reference, request, params, Timings(),
                             lambda _stage: None, report, recipe=recipe)
 
+    def _face_swap(self, request: Request, each: list[GenerationParams], timings: Timings,
+                   notify: Progress) -> list[tuple[Image.Image, dict[str, Any]]]:
+        """Face-swap mode: one reference through `FaceSwapStage` (as before `identities`
+        existed; a one-entry `identities` adds its entry to the report), several through
+        `MultiIdentityStage`."""
+        if len(request.references) > 1:
+            return MultiIdentityStage(self.face_swap).run_all(request, each, timings, notify)
+        outputs = self.face_swap.run_all(request, each, timings, notify)
+        if request.identities:
+            for _image, report in outputs:
+                report["identities"] = [single_identity_entry(report)]
+        return outputs
+
     def run(self, request: Request, progress: Progress | None = None) -> Result:
         """Run one validated request; raises pipeline errors, never returns a half result."""
         notify = progress or (lambda _stage: None)
@@ -218,7 +232,7 @@ class CharacterService:
             swapped = self.residency.seconds
             if request.wants_face_swap:
                 images = [ImageResult(image, one.seed, report) for (image, report), one in zip(
-                    self.face_swap.run_all(request, each, timings, notify), each, strict=True)]
+                    self._face_swap(request, each, timings, notify), each, strict=True)]
                 mode = "face_swap"
             else:
                 images = []

@@ -146,3 +146,32 @@ def test_face_swap_applied_all_the_way_and_flagged_when_the_scene_has_no_face(co
     missed = outcomes[False]
     assert missed["face_swap"]["reason"] == "no face found in the generated image"
     assert "refine" not in missed["timings"]
+
+
+def test_identities_through_the_cog_server(cog_server):
+    """`identities` as Cog's JSON string: five refused naming the field, a bad entry named by
+    its place, and two identities on the twin's one-face scene: the first applied with its
+    similarity, the second flagged."""
+    import json
+
+    references = [{"image_url": _reference_uri([(60, 50, 180, 200)])},
+                  {"image_url": _reference_uri([(40, 40, 200, 220)], size=(256, 256))}]
+    five = cog_server.predict({"prompt": "x", "identities": json.dumps(references * 2
+                                                                        + references[:1])})
+    assert "`identities` must hold at most 4" in _failure_text(five)
+    mixed = cog_server.predict({"prompt": "x", "identities": json.dumps(references),
+                                "image_url": references[0]["image_url"]})
+    assert "`identities` must not be given together with `image_url`" in _failure_text(mixed)
+    broken = cog_server.predict({"prompt": "x", "identities": json.dumps(
+        [references[0], {"image_url": references[1]["image_url"], "target_index": "one"}])})
+    assert "`identities[1].target_index`" in _failure_text(broken)
+    for seed in range(16):
+        body = cog_server.predict({"prompt": "two knights", "width": 512, "height": 512,
+                                   "steps": 2, "seed": seed,
+                                   "identities": json.dumps(references)}).json()
+        assert body["status"] == "succeeded", body.get("error")
+        first, second = body["output"]["face_swap"]["identities"]
+        if first["applied"]:
+            break
+    assert first["applied"] and isinstance(first["similarity"], float)
+    assert second["applied"] is False and "no face left" in second["reason"]

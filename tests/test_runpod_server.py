@@ -56,3 +56,48 @@ def test_bad_job_fails_and_the_worker_keeps_serving(runpod_server):
     done = runpod_server.runsync({"input": {"prompt": "ok", "width": 512, "height": 512,
                                             "steps": 2}})
     assert done["status"] == "COMPLETED" and done["output"]["status"] == "success"
+
+
+def _identities_reference(boxes, seed):
+    import base64
+    import io
+
+    from tests.face_images import marker_scene
+
+    buffer = io.BytesIO()
+    marker_scene((256, 256), boxes, seed=seed).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_identities_through_the_runpod_server(runpod_server):
+    """Two identities: on a one-face scene (the twin's full-frame marker) the first takes the
+    face and the second is flagged with its reason; on a no-face scene both are; five are
+    refused naming `identities`, a bad second reference naming `identities[1].image_url`."""
+    references = [{"image_url": _identities_reference([(60, 60, 180, 200)], 1)},
+                  {"image_url": _identities_reference([(40, 50, 200, 210)], 2)}]
+    refused = runpod_server.runsync({"input": {"prompt": "x", "identities": references * 3}})
+    assert refused["status"] == "FAILED" and "`identities` must hold at most 4" in str(
+        refused["error"])
+    bad = runpod_server.runsync({"input": {"prompt": "x", "width": 512, "height": 512,
+                                           "steps": 2, "identities": [
+                                               references[0],
+                                               {"image_url": "data:image/png;base64,AAAA"}]}})
+    assert bad["status"] == "FAILED" and "`identities[1].image_url`" in str(bad["error"])
+    outcomes: dict[bool, dict] = {}
+    for seed in range(16):
+        done = runpod_server.runsync({"input": {"prompt": "two knights", "width": 512,
+                                                "height": 512, "steps": 2, "seed": seed,
+                                                "identities": references}})
+        assert done["status"] == "COMPLETED", done
+        report = done["output"]["face_swap"]
+        outcomes.setdefault(report["identities"][0]["applied"], report)
+        if len(outcomes) == 2:
+            break
+    one_face, no_face = outcomes[True], outcomes[False]
+    first, second = one_face["identities"]
+    assert isinstance(first["similarity"], float) and first["target"]["chosen"] == 0
+    assert [c["identity"] for c in first["cross_similarity"]] == [1]
+    assert second["applied"] is False and "no face left" in second["reason"]
+    assert one_face["applied"] is False and one_face["reason"].startswith("identities[1]: ")
+    assert all(e["reason"] == "no face found in the generated image"
+               for e in no_face["identities"])

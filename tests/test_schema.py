@@ -141,14 +141,14 @@ def test_predict_inputs_agree_with_the_schema():
     assert list(inputs) == list(specs)  # the same inputs, in the schema's order
     for name, field in inputs.items():
         spec = specs[name]
-        assert field.default == (None if spec.required else spec.default), name
+        assert field.default == (None if spec.required else spec.cog_default), name
         if spec.ge is not None:
             assert field.ge == pytest.approx(float(spec.ge)), name
         if spec.le is not None:
             assert field.le == pytest.approx(float(spec.le)), name
         assert field.choices == (list(spec.choices) if spec.choices else None), name
         optional = field.type.repetition.name.startswith("OPTIONAL")
-        assert optional == spec.nullable, name
+        assert optional == (spec.nullable and spec.kind is not list), name
 
 
 def test_every_request_field_is_on_the_request():

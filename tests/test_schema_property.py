@@ -67,6 +67,8 @@ def test_real_field_names_with_random_values(fields, output):
 
 
 def _valid_value(spec: FieldSpec) -> st.SearchStrategy:
+    if spec.kind is list:  # `identities`: tests/test_identities.py
+        return st.none()
     if spec.kind is bool:
         return st.booleans()
     if spec.kind is int:

@@ -1,0 +1,324 @@
+"""Several identities (`identities`): validation, regional IP-Adapter masks, one refine per face
+with its own reference, disjoint pastes and the per-identity report, on the tiny twins.
+
+Multi-face scenes: the SDXL twin's generated scene holds no face or one full-frame face
+(pipeline/twins/sdxl.py), so the swap of several identities onto two faces runs on drawn
+marker scenes (`tests/face_images.marker_scene`) through `MultiIdentityStage.swap_all`, the
+stage the service runs after generation; generation itself runs with the real masks.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import FaceSwapNotApplied, InvalidInput
+from pipeline.faces import detect_target_faces, face_mask
+from pipeline.generate import GenerationParams
+from pipeline.identities import (
+    LoadedIdentity,
+    MultiIdentityStage,
+    assign_targets,
+    disjoint_masks,
+    region_order,
+)
+from pipeline.identity import identity_regions, ip_adapter_masks
+from pipeline.schema import Identity, validate_request
+from pipeline.service import Timings
+from tests.face_images import marker_scene
+
+SIZE = 512
+FAST = {"width": SIZE, "height": SIZE, "steps": 2}
+# Two references with one face each, drawn on different noise: two different identities.
+FACE_A, FACE_B = [(60, 60, 180, 200)], [(40, 50, 200, 210)]
+# A two-face scene: face 0 (left) is the larger one.
+SCENE_BOXES = [(40, 100, 200, 300), (300, 120, 420, 260)]
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+REF_A = data_uri(marker_scene((256, 256), FACE_A, seed=1))
+REF_B = data_uri(marker_scene((256, 256), FACE_B, seed=2))
+
+
+@pytest.fixture(scope="module")
+def service(predictor):
+    return predictor.service
+
+
+@pytest.fixture(scope="module")
+def stage(service):
+    return MultiIdentityStage(service.face_swap)
+
+
+def _request(**fields):
+    return validate_request({"prompt": "two knights", **FAST, "seed": 3, **fields})
+
+
+def _loaded(service, request):
+    return [LoadedIdentity(identity, *service.face_swap.load_identity(identity, Timings()))
+            for identity in request.references]
+
+
+def _scene():
+    return marker_scene((SIZE, SIZE), SCENE_BOXES, seed=5)
+
+
+def _swap(service, stage, identities, scene=None, **fields):
+    request = _request(identities=identities, **fields)
+    params = GenerationParams("two knights", "", SIZE, SIZE, 2, 2.0, 3)
+    return stage.swap_all(scene or _scene(), _loaded(service, request), request, params,
+                          Timings(), lambda _stage: None)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(("payload", "named"), [
+    ({"identities": [{"image_url": REF_A}] * 5}, "`identities` must hold at most 4"),
+    ({"identities": []}, "`identities` must hold at least one"),
+    ({"identities": [{"image_url": REF_A}, {"image_url": REF_B}, {"image_url": 7}]},
+     "`identities[2].image_url`"),
+    ({"identities": [{"image_url": REF_A}, {"image_url": REF_B, "target_index": -1}]},
+     "`identities[1].target_index`"),
+    ({"identities": [{"image_url": REF_A, "target_index": 1},
+                     {"image_url": REF_B, "target_index": 1}]},
+     "`identities[1].target_index` chooses scene face 1, as `identities[0].target_index`"),
+    ({"identities": [{"image_url": REF_A}], "image_url": REF_B},
+     "`identities` must not be given together with `image_url`"),
+    ({"identities": [{"image_url": REF_A}], "target_index": 0},
+     "`target_index` must not be given together with `identities`"),
+    ({"identities": [{"image_url": REF_A, "colour": "red"}]}, "`identities[0].colour`"),
+    ({"identities": [{"face_index": 0}]}, "`identities[0].image_url` is required"),
+    ({"identities": "[{not json"}, "`identities` must be a JSON array"),
+    ({"identities": {"image_url": REF_A}}, "`identities` must be an array of objects"),
+])
+def test_identities_refusals_name_the_exact_place(payload, named):
+    with pytest.raises(InvalidInput) as refused:
+        validate_request({"prompt": "x", **payload})
+    assert named in str(refused.value)
+
+
+def test_identities_as_a_json_string_equal_the_list():
+    entries = [{"image_url": REF_A, "face_index": 0}, {"image_url": REF_B, "target_index": 1}]
+    import json
+
+    as_list = validate_request({"prompt": "x", "identities": entries})
+    as_text = validate_request({"prompt": "x", "identities": json.dumps(entries)})
+    assert as_list == as_text
+    assert [i.field for i in as_list.identities] == ["identities[0].", "identities[1]."]
+    assert as_list.references[1].image_field == "identities[1].image_url"
+    assert validate_request({"prompt": "x", "identities": ""}).identities is None
+
+
+def test_an_upload_with_identities_is_refused_naming_both():
+    with pytest.raises(InvalidInput) as refused:
+        validate_request({"prompt": "x", "identities": [{"image_url": REF_A}]},
+                         upload="/tmp/face.png")
+    assert "`identities` must not be given together with `image`" in str(refused.value)
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+def test_identities_regions_are_disjoint_columns_covering_the_image():
+    regions = [np.asarray(region) > 0 for region in identity_regions(640, 512, 3)]
+    assert (np.sum(regions, axis=0) == 1).all()
+    assert [int(np.flatnonzero(r[0]).min()) for r in regions] == [0, 213, 427]
+    masks = ip_adapter_masks(640, 512, 3)
+    assert masks.shape == (1, 3, 512, 640)
+    assert torch.equal(masks[0] > 0.5, torch.from_numpy(np.stack(regions)))
+
+
+def test_region_order_follows_target_index_then_request_order():
+    identities = [Identity("a"), Identity("b", target_index=2), Identity("c", target_index=0)]
+    assert region_order(identities) == [2, 1, 0]
+    assert region_order([Identity("a"), Identity("b")]) == [0, 1]
+
+
+def test_identities_embeddings_reach_only_their_regions_attention(service):
+    """Every IP-Adapter attention call gets one mask per reference (reference i: column i)
+    and the references' tokens in the same order; one reference gets no mask."""
+    pipe = service.face_swap.identity.text_pipe
+    request = _request(identities=[{"image_url": REF_A}, {"image_url": REF_B}])
+    loaded = _loaded(service, request)
+    seen: list[dict] = []
+
+    def spy(module, args, kwargs):
+        if "ip_adapter_masks" in kwargs or isinstance(kwargs.get("encoder_hidden_states"),
+                                                      tuple):
+            _text, images = kwargs["encoder_hidden_states"]
+            seen.append({"masks": kwargs.get("ip_adapter_masks"),
+                         "images": [state.shape for state in images]})
+
+    attentions = [m for name, m in pipe.unet.named_modules() if name.endswith("attn2")]
+    hooks = [m.register_forward_pre_hook(spy, with_kwargs=True) for m in attentions]
+    params = GenerationParams("two knights", "", SIZE, SIZE, 2, 2.0, 3)
+    try:
+        service.face_swap.identity.generate(params, [one.reference for one in loaded])
+        several = list(seen)
+        seen.clear()
+        service.face_swap.identity.generate(params, loaded[0].reference)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert several and seen
+    left = torch.from_numpy(np.asarray(identity_regions(SIZE, SIZE, 2)[0]) > 0)
+    for call in several:
+        assert len(call["masks"]) == 2  # one per adapter: FaceID Plus v2, Plus Face
+        for mask in call["masks"]:
+            assert mask.shape == (1, 2, SIZE, SIZE)
+            assert torch.equal(mask[0, 0] > 0.5, left) and torch.equal(mask[0, 1] > 0.5, ~left)
+        assert all(shape[1] == 2 for shape in call["images"])  # (batch, references, ...)
+    assert all(call["masks"] is None for call in seen)
+    assert all(shape[1] == 1 for call in seen for shape in call["images"])
+
+
+def test_identities_generation_is_byte_deterministic_and_reference_dependent(service):
+    request = _request(identities=[{"image_url": REF_A}, {"image_url": REF_B}])
+    loaded = _loaded(service, request)
+    params = GenerationParams("two knights", "", SIZE, SIZE, 2, 2.0, 3)
+    generate = service.face_swap.identity.generate
+    first = generate(params, [loaded[0].reference, loaded[1].reference])
+    again = generate(params, [loaded[0].reference, loaded[1].reference])
+    swapped = generate(params, [loaded[1].reference, loaded[0].reference])
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != swapped.tobytes()
+
+
+def test_one_entry_in_identities_renders_the_image_url_request_byte_for_byte(service):
+    shorthand = service.run(_request(image_url=REF_A))
+    listed = service.run(_request(identities=[{"image_url": REF_A}]))
+    assert listed.image.tobytes() == shorthand.image.tobytes()
+    report = listed.face_swap
+    assert {k: v for k, v in report.items() if k != "identities"} == shorthand.face_swap
+    (entry,) = report["identities"]
+    assert entry["applied"] == report["applied"] and entry["similarity"] == report["similarity"]
+    assert "identities" not in shorthand.face_swap
+
+
+# ------------------------------------------------------------------------------ the swap
+
+
+def test_identities_take_the_scene_faces_largest_first_and_report_each(service, stage):
+    final, report = _swap(service, stage, [{"image_url": REF_A}, {"image_url": REF_B}])
+    assert report["applied"] is True and report["reason"] is None
+    assert len(report["target"]["faces"]) == 2
+    first, second = report["identities"]
+    assert first["target"] == {"chosen": 0, "picked_by": "largest"}
+    assert second["target"] == {"chosen": 1, "picked_by": "largest"}
+    for entry, other in ((first, 1), (second, 0)):
+        assert entry["applied"] is True and isinstance(entry["similarity"], float)
+        assert [c["identity"] for c in entry["cross_similarity"]] == [other]
+        assert entry["reference"]["chosen"] == 0 and entry["refine"]["steps"] > 0
+    assert final.size == (SIZE, SIZE) and final.tobytes() != _scene().tobytes()
+
+
+def test_identities_each_refine_sees_its_own_reference_and_face(service, stage, monkeypatch):
+    identity = service.face_swap.identity
+    calls = []
+    real_refine = identity.refine
+
+    def recording_refine(crop, mask, keypoints, reference, params, **kwargs):
+        calls.append((reference.embedding.copy(), keypoints.copy(), crop.size, kwargs["seed"]))
+        return real_refine(crop, mask, keypoints, reference, params, **kwargs)
+
+    monkeypatch.setattr(identity, "refine", recording_refine)
+    request = _request(identities=[{"image_url": REF_A, "target_index": 1},
+                                   {"image_url": REF_B, "target_index": 0}])
+    loaded = _loaded(service, request)
+    _swap(service, stage, [{"image_url": REF_A, "target_index": 1},
+                           {"image_url": REF_B, "target_index": 0}])
+    assert len(calls) == 2
+    for (embedding, keypoints, size, _seed), one in zip(calls, loaded, strict=True):
+        assert np.array_equal(embedding, one.reference.embedding)
+        assert (keypoints >= 0).all() and (keypoints[:, 0] < size[0]).all()
+    assert not np.array_equal(calls[0][0], calls[1][0])
+    assert calls[0][3] == calls[1][3] + 1  # the refine seed follows the scene face
+
+
+def test_identities_a_later_paste_never_overwrites_an_earlier_face(service, stage):
+    scene = _scene()
+    both, _ = _swap(service, stage, [{"image_url": REF_A, "target_index": 0},
+                                     {"image_url": REF_B, "target_index": 1}])
+    first_only, _ = _swap(service, stage, [{"image_url": REF_A, "target_index": 0}])
+    faces = service.face_swap.faces
+    targets = detect_target_faces(faces, scene)
+    own_first = face_mask(faces, scene, targets[0].box)
+    both_px, first_px = np.asarray(both), np.asarray(first_only)
+    assert np.array_equal(both_px[own_first], first_px[own_first])
+    own_second = face_mask(faces, scene, targets[1].box)
+    assert not np.array_equal(both_px[own_second], first_px[own_second])
+
+
+def test_identities_swapping_the_references_swaps_the_faces(service, stage):
+    forward, forward_report = _swap(service, stage, [{"image_url": REF_A, "target_index": 0},
+                                                     {"image_url": REF_B, "target_index": 1}])
+    reverse, reverse_report = _swap(service, stage, [{"image_url": REF_B, "target_index": 0},
+                                                     {"image_url": REF_A, "target_index": 1}])
+    b_alone, _ = _swap(service, stage, [{"image_url": REF_B, "target_index": 0}])
+    scene, faces = _scene(), service.face_swap.faces
+    left = face_mask(faces, scene, detect_target_faces(faces, scene)[0].box)
+    forward_px, reverse_px = np.asarray(forward), np.asarray(reverse)
+    assert np.array_equal(reverse_px[left], np.asarray(b_alone)[left])
+    assert not np.array_equal(forward_px[left], reverse_px[left])  # two references: two faces
+    assert forward_report["identities"][0]["similarity"] != \
+        reverse_report["identities"][0]["similarity"]
+
+
+def test_identities_without_a_face_are_flagged_not_dropped(service, stage):
+    one_face = marker_scene((SIZE, SIZE), SCENE_BOXES[:1], seed=5)
+    _final, report = _swap(service, stage, [{"image_url": REF_A}, {"image_url": REF_B}],
+                          scene=one_face)
+    first, second = report["identities"]
+    assert first["applied"] is True and second["applied"] is False
+    assert second["reason"] == ("no face left for this identity: the generated image holds 1 "
+                                "for 2 identities")
+    assert second["similarity"] is None and second["target"] is None
+    assert report["applied"] is False and report["reason"].startswith("identities[1]: ")
+    _final, named = _swap(service, stage, [{"image_url": REF_A},
+                                           {"image_url": REF_B, "target_index": 3}],
+                          scene=one_face)
+    assert named["identities"][1]["reason"] == ("target_index 3 names no face: the generated "
+                                                "image holds 1")
+    with pytest.raises(FaceSwapNotApplied, match="identities\\[1\\]"):
+        _swap(service, stage, [{"image_url": REF_A}, {"image_url": REF_B}], scene=one_face,
+              require_face_swap=True)
+
+
+def test_identities_two_on_one_described_face_are_refused_naming_both(service):
+    """Three descriptions over two faces: two of them pick the same face (pigeonhole), found
+    with the real picker twin; given to two identities, the request is refused naming both."""
+    scene, stage = _scene(), service.face_swap
+    assert stage.picker is not None
+    targets = detect_target_faces(stage.faces, scene)
+    boxes = [face.box for face in targets]
+    descriptions = ["the knight on the left", "the bigger face", "the one on the right"]
+    picks = [stage.picker.pick(scene, boxes, text).index for text in descriptions]
+    first, second = next((i, j) for i in range(3) for j in range(i + 1, 3)
+                         if picks[i] == picks[j])
+    identities = [Identity("a", target_description=descriptions[first], field="identities[0]."),
+                  Identity("b", target_description=descriptions[second], field="identities[1].")]
+    with pytest.raises(InvalidInput) as refused:
+        assign_targets(stage, scene, targets, identities)
+    message = str(refused.value)
+    assert "`identities[1].target_description`" in message
+    assert "`identities[0].target_description`" in message
+
+
+def test_disjoint_masks_give_shared_pixels_to_neither():
+    a = np.zeros((4, 6), dtype=bool)
+    b = np.zeros((4, 6), dtype=bool)
+    a[:, :4], b[:, 2:] = True, True
+    (own_a, not_a), (own_b, not_b) = disjoint_masks([a, b])
+    assert not (own_a & own_b).any() and own_a[:, :2].all() and not own_a[:, 2:].any()
+    assert np.array_equal(not_a, b) and np.array_equal(not_b, a)
