@@ -40,6 +40,7 @@ from pipeline.schema import (
     FAST_MAX_STEPS,
     FAST_MIN_STEPS,
     FAST_STEPS,
+    MAX_IDENTITIES,
     MAX_SEED,
     RESOLUTION_PRESETS,
     Inputs,
@@ -180,8 +181,10 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
                                    "preset": args.preset, "output": {"include_base64": True}}
         if args.negative_prompt:
             payload["negative_prompt"] = args.negative_prompt
-        if mode == "face":
-            payload["image_url"] = args.face_url
+        if mode == "face" and len(args.face_url) > 1:  # several people: one identity each
+            payload["identities"] = [{"image_url": url} for url in args.face_url]
+        elif mode == "face":
+            payload["image_url"] = args.face_url[0]
             if args.face_description:
                 payload["face_description"] = args.face_description
         jobs.append(Job(i, mode, resolution, width, height, args.seed + i, payload,
@@ -196,6 +199,18 @@ def _modes(value: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"must be a comma-separated list of text, face; got {value!r}")
     return modes
+
+
+def _reference_url(parser: argparse.ArgumentParser, url: str) -> str:
+    """A --face-url as sent: URLs and data: URIs as given, a local file as a data: URI."""
+    if url.startswith(("http://", "https://", "data:")):
+        return url
+    path = Path(url).expanduser()
+    if not path.is_file():
+        parser.error(f"--face-url must be an http(s) URL, a data: URI or an existing file, "
+                     f"got {url!r}")
+    mime = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--resolutions", nargs="+", default=["portrait"], metavar="PRESET",
                       choices=list(RESOLUTION_PRESETS),
                       help=f"space-separated presets (default: portrait): {presets}")
-    work.add_argument("--face-url", help="face reference: an http(s) URL, a data: URI or a "
-                      "local file (sent as a data: URI); required for face mode")
+    work.add_argument("--face-url", action="append", default=[],
+                      help="face reference: an http(s) URL, a data: URI or a local file (sent as "
+                      "a data: URI); required for face mode. Repeat it for several people "
+                      "(sent as `identities`, one per URL, up to "
+                      f"{MAX_IDENTITIES})")
     work.add_argument("--face-description", default="", help="which face of the reference to "
                       "pick, in words (default: the largest)")
     work.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (default: %(default)r)")
@@ -273,13 +291,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str
     if "face" in args.modes:
         if not args.face_url:
             parser.error("--face-url is required when --modes includes face")
-        if not args.face_url.startswith(("http://", "https://", "data:")):
-            path = Path(args.face_url).expanduser()
-            if not path.is_file():
-                parser.error(f"--face-url must be an http(s) URL, a data: URI or an existing "
-                             f"file, got {args.face_url!r}")
-            mime = mimetypes.guess_type(path.name)[0] or "image/png"
-            args.face_url = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+        if len(args.face_url) > MAX_IDENTITIES:
+            parser.error(f"--face-url may be given at most {MAX_IDENTITIES} times, got "
+                         f"{len(args.face_url)}")
+        if len(args.face_url) > 1 and args.face_description:
+            parser.error("--face-description needs a single --face-url (with several, each "
+                         "reference's largest face is used)")
+        args.face_url = [_reference_url(parser, url) for url in args.face_url]
     if args.local:
         if not args.local.startswith(("http://", "https://")):
             parser.error(f"--local must be an http(s) URL, got {args.local!r}")

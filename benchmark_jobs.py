@@ -37,6 +37,17 @@ class Job:
     def ok(self) -> bool:
         return self.status == "COMPLETED" and self.error is None and self.image_file is not None
 
+    @property
+    def similarities(self) -> list[float | None] | None:
+        """The identity similarity of each identity (one for a single reference; None where
+        it was not applied), or None without a face-swap report."""
+        report = (self.output or {}).get("face_swap")
+        if not isinstance(report, dict):
+            return None
+        if isinstance(report.get("identities"), list):
+            return [entry.get("similarity") for entry in report["identities"]]
+        return [report.get("similarity")]
+
     def describe(self) -> str:
         outcome = f"{self.client_seconds:.2f} s" if self.ok else f"{self.status}: {self.error}"
         return f"{self.index:03d} {self.mode} {self.resolution}: {outcome}"

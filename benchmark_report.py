@@ -114,6 +114,9 @@ def contact_sheet(jobs: list[Job], folder: Path) -> Path | None:
                 pass
         label = (f"{job.index:03d} {job.mode} {job.width}x{job.height} "
                  + (f"{job.client_seconds:.1f}s" if job.ok else job.status))
+        if job.similarities:  # one ArcFace cosine per identity ("-": not applied)
+            label += " sim " + "/".join("-" if value is None else f"{value:.2f}"
+                                        for value in job.similarities)
         draw.text((x + 4, y + TILE + 3), label, fill=(0, 0, 0) if job.ok else (200, 0, 0))
     path = folder / "contact_sheet.png"
     sheet.save(path)
@@ -138,12 +141,16 @@ def write_report(path: Path, args: argparse.Namespace, jobs: list[Job], summary:
                                                    "steps", "cfg", "seed", "concurrency",
                                                    "timeout", "prompt", "negative_prompt",
                                                    "face_description")}
-    settings["face_url"] = redact_url(args.face_url)
+    settings["face_url"] = [redact_url(url) for url in args.face_url]
     rows = []
     for job in jobs:
         row = {**asdict(job), "ok": job.ok, "payload": dict(job.payload)}
         if "image_url" in row["payload"]:
             row["payload"]["image_url"] = redact_url(row["payload"]["image_url"])
+        if "identities" in row["payload"]:
+            row["payload"]["identities"] = [{**entry, "image_url": redact_url(entry["image_url"])}
+                                            for entry in row["payload"]["identities"]]
+        row["similarity"] = job.similarities
         rows.append(row)
     report = {"started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat(),
               "target": target, "settings": settings, "summary": summary, "requests": rows}

@@ -323,3 +323,24 @@ def test_single_request_is_only_the_cold_start(server, tmp_path, capsys):
     assert report["summary"]["overall"]["images_per_minute"] is None
     [row] = report["requests"]
     assert row["cold_start"] and row["ok"] and row["image_file"].startswith("000_text_832x1216_")
+
+
+def test_several_face_urls_are_sent_as_identities_and_reported_per_identity():
+    args = benchmark.build_parser().parse_args(
+        ["--count", "2", "--modes", "face", "--seed", "1",
+         "--face-url", "https://faces.example/a.png", "--face-url", "https://faces.example/b.png"])
+    (job, _second) = benchmark.plan_jobs(args)
+    assert job.payload["identities"] == [{"image_url": "https://faces.example/a.png"},
+                                         {"image_url": "https://faces.example/b.png"}]
+    assert "image_url" not in job.payload
+    job.output = {"face_swap": {"similarity": None, "identities": [
+        {"similarity": 0.61}, {"similarity": None}]}}
+    assert job.similarities == [0.61, None]
+    job.output = {"face_swap": {"similarity": 0.5}}
+    assert job.similarities == [0.5]
+
+
+def test_too_many_face_urls_for_identities_are_refused(capsys):
+    urls = [arg for i in range(5) for arg in ("--face-url", f"https://faces.example/{i}.png")]
+    assert benchmark.main(["--local", "http://127.0.0.1:9", "--modes", "face", *urls]) == 2
+    assert "--face-url may be given at most 4 times" in capsys.readouterr().err
