@@ -4,8 +4,8 @@ Stages, for two to four references (one reference is `pipeline.faceswap` unchang
 1. references: each one fetched, its face chosen and embedded as in single face swap; errors
    name the entry (`identities[1].image_url`);
 2. generate: one pass of the primary pipe whose IP-Adapter tokens for identity i act only in
-   region i (`pipeline.identity.identity_regions`: columns left to right, ordered by
-   `target_index` where given, else in request order), so the priors do not blend;
+   region i (`pipeline.identity.identity_regions`: columns left to right; `region_order`
+   puts an identity with `target_index` t in column t), so the priors do not blend;
 3. targets (`assign_targets`): explicit `target_index` first, then `target_description` through
    the picker, then the remaining scene faces, largest first, in request order; two identities
    on one face are refused naming both; an identity left without a face is reported
@@ -58,10 +58,19 @@ def single_identity_entry(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def region_order(identities: Sequence[Identity]) -> list[int]:
-    """Which identity takes each region, left to right: those with a `target_index` by that
-    index (scene faces are numbered left to right), then the others in request order."""
-    return sorted(range(len(identities)), key=lambda i: (
-        identities[i].target_index is None, identities[i].target_index or 0, i))
+    """Which identity takes each region, left to right. Scene faces are numbered left to right,
+    so an identity whose `target_index` t names a region (t < count) takes region t; the
+    others fill the free regions left to right: those without a `target_index` in request
+    order, then those whose index lies further right, by index."""
+    count = len(identities)
+    regions: list[int | None] = [None] * count
+    for position, identity in enumerate(identities):
+        if identity.target_index is not None and identity.target_index < count:
+            regions[identity.target_index] = position
+    rest = sorted((p for p in range(count) if p not in regions), key=lambda p: (
+        identities[p].target_index is not None, identities[p].target_index or 0, p))
+    free = iter(rest)
+    return [next(free) if taken is None else taken for taken in regions]
 
 
 def assign_targets(stage: FaceSwapStage, scene: Image.Image, targets: list,

@@ -139,9 +139,12 @@ def test_identities_regions_are_disjoint_columns_covering_the_image():
     assert torch.equal(masks[0] > 0.5, torch.from_numpy(np.stack(regions)))
 
 
-def test_region_order_follows_target_index_then_request_order():
+def test_identities_region_order_follows_target_index_then_request_order():
     identities = [Identity("a"), Identity("b", target_index=2), Identity("c", target_index=0)]
-    assert region_order(identities) == [2, 1, 0]
+    assert region_order(identities) == [2, 0, 1]  # c in column 0, b in column 2, a between
+    assert region_order([Identity("a"), Identity("b", target_index=1)]) == [0, 1]
+    assert region_order([Identity("a", target_index=1), Identity("b")]) == [1, 0]
+    assert region_order([Identity("a", target_index=9), Identity("b"), Identity("c")]) == [1, 2, 0]
     assert region_order([Identity("a"), Identity("b")]) == [0, 1]
 
 
