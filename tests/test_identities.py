@@ -325,3 +325,39 @@ def test_disjoint_masks_give_shared_pixels_to_neither():
     (own_a, not_a), (own_b, not_b) = disjoint_masks([a, b])
     assert not (own_a & own_b).any() and own_a[:, :2].all() and not own_a[:, 2:].any()
     assert np.array_equal(not_a, b) and np.array_equal(not_b, a)
+
+
+# ------------------------------------------------------------------------------ both adapters
+
+ADAPTER_REFUSALS = [
+    ([{"image_url": REF_A}] * 5, {}, "`identities` must hold at most 4"),
+    ([{"image_url": REF_A}, {"image_url": REF_B}, {"image_url": ""}], {},
+     "`identities[2].image_url` must not be empty"),
+    ([{"image_url": REF_A}, {"image_url": REF_B, "target_index": 64}], {},
+     "`identities[1].target_index` must be at most 63"),
+    ([{"image_url": REF_A, "target_index": 0}, {"image_url": REF_B, "target_index": 0}], {},
+     "`identities[1].target_index` chooses scene face 0, as `identities[0].target_index`"),
+    ([{"image_url": REF_A}], {"image_url": REF_B}, "`identities` must not be given together"),
+    ([{"image_url": REF_A}], {"face_description": "the left one"},
+     "`face_description` must not be given together with `identities`"),
+]
+
+
+@pytest.mark.parametrize(("identities", "extra", "named"), ADAPTER_REFUSALS)
+def test_identities_refusals_through_the_runpod_handler(worker, identities, extra, named):
+    answer = worker({"id": "j", "input": {"prompt": "x", **FAST, "identities": identities,
+                                          **extra}})
+    assert set(answer) == {"error"} and named in answer["error"]
+
+
+@pytest.mark.parametrize(("identities", "extra", "named"), ADAPTER_REFUSALS)
+def test_identities_refusals_through_the_cog_predictor(predictor, identities, extra, named):
+    import inspect
+    import json
+
+    inputs = {name: param.default
+              for name, param in inspect.signature(predictor.predict).parameters.items()}
+    inputs.update(prompt="x", identities=json.dumps(identities), **FAST, **extra)
+    with pytest.raises(InvalidInput) as refused:
+        predictor.predict(**inputs)
+    assert named in str(refused.value)
