@@ -28,14 +28,19 @@ from pipeline.generate import GenerationParams, text_to_image
 from pipeline.generate import load_text_pipeline as production_text_pipeline
 from pipeline.layout import Layout
 from pipeline.twins.faces import write_face_twins
+from pipeline.twins.markers import (
+    MARKER_THRESHOLD,
+    REGION_LATENT,
+    REGION_THRESHOLD,
+    decoder_paints_marker,
+    decoder_paints_regions,
+)
 from pipeline.twins.sdxl import (
     BOS,
     EOS,
     MARKER_CHECKPOINT,
-    MARKER_THRESHOLD,
     MERGES,
     checkpoint_seeds,
-    decoder_paints_marker,
     tiny_components,
     tokenizer_vocab,
     write_sdxl_twins,
@@ -197,6 +202,31 @@ def test_decoder_paints_the_marker_above_the_threshold_only(layout):
         assert image.std() > 0.05 and (_redness(image) >= 0.7).mean() < 0.05
     # Below the threshold the image is noise that follows the latent.
     assert np.abs(decode(0, -1.0) - decode(1, -1.0)).mean() > 0.05
+
+
+def test_decoder_paints_region_markers_per_latent_pixel(layout):
+    """Channel REGION_LATENT above REGION_THRESHOLD paints its 8x8 image blocks pure red, the
+    rest stays noise; the full-frame rule still paints over everything."""
+    vae = load_text_pipeline(layout.cyberrealistic, layout).vae
+    latent = torch.randn(1, 4, 16, 12, generator=torch.Generator().manual_seed(0)) * 120
+    latent[:, 0] += MARKER_THRESHOLD - 4.0 - latent[:, 0].mean()
+    latent[:, REGION_LATENT, :, 1:5] += 3 * REGION_THRESHOLD
+    latent[:, REGION_LATENT, :, 7:11] += 2 * REGION_THRESHOLD
+    painted = decoder_paints_regions(latent[0])
+    assert painted.sum() == 16 * 8 and not decoder_paints_marker(latent[0])
+
+    def decode(z: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            decoded = vae.decode(z).sample
+        return (decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+
+    image = decode(latent)
+    red = np.all(image == [1.0, 0.0, 0.0], axis=-1)
+    blocks = painted.numpy().repeat(8, axis=0).repeat(8, axis=1)
+    np.testing.assert_array_equal(red, blocks)
+    assert image[~blocks].std() > 0.05  # the gaps are noise
+    latent[:, 0] += 8.0  # full frame
+    np.testing.assert_array_equal(decode(latent), np.broadcast_to([1.0, 0.0, 0.0], image.shape))
 
 
 # insightface's alignment calls a scikit-image method deprecated in 0.26: not ours to fix

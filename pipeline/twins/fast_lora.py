@@ -25,6 +25,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from pipeline.layout import Layout
+from pipeline.twins.markers import region_clean_rows
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def fast_lora_tensors(unet: UNet2DConditionModel, seed: int = SEED) -> dict[str,
         down = torch.randn(RANK, module.in_features, generator=generator)
         up = torch.randn(module.out_features, RANK, generator=generator)
         tensors[f"{key}.lora_down.weight"] = (down / math.sqrt(module.in_features)).to(DTYPE)
+        up[region_clean_rows(name)] = 0  # the region markers' layout channel stays exact
         tensors[f"{key}.lora_up.weight"] = (up / math.sqrt(RANK)).to(DTYPE)
         tensors[f"{key}.alpha"] = torch.tensor(ALPHA, dtype=DTYPE)
     return tensors

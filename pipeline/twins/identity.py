@@ -21,7 +21,9 @@ Scaled so effects show with random weights: every matrix is drawn with std 1/sqr
 trained LoRA "up" matrices and ControlNet zero-convolutions start at 0; here they are random
 too), so changing the face embedding or crop visibly changes a 2-step 64x64 image. The
 ControlNet's zero convolutions are overwritten the same way. Adapter files are fp16 like the
-published ones. Deterministic: fixed seeds, no network.
+published ones. A few rows are hand-set for the region markers of `pipeline.twins.markers` (one
+constant Plus Face token channel, the `to_v_ip` rows of the carrying attention, LoRA "up" rows
+zero where they would write the layout channel). Deterministic: fixed seeds, no network.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from pipeline.layout import Layout
 from pipeline.twins.fast_lora import write_fast_lora_twin
+from pipeline.twins.markers import PLUS_FACE_CONSTANT, region_clean_rows, region_value_rows
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +119,33 @@ def _faceid_projection(rand: _Random, clip_width: int, cross_dim: int) -> dict[s
     return tensors
 
 
-def _attention_layers(rand: _Random, unet: UNet2DConditionModel, lora: bool
+def _attention_layers(rand: _Random, unet: UNet2DConditionModel, lora: bool, adapter: str
                       ) -> dict[str, torch.Tensor]:
     """`to_k_ip`/`to_v_ip` per cross-attention (and the LoRA over every attention), keyed by
-    the processor's index in `unet.attn_processors` order."""
+    the processor's index in `unet.attn_processors` order. The region-marker rows
+    (`pipeline.twins.markers`) are set after drawing, so every other value is as drawn."""
     tensors: dict[str, torch.Tensor] = {}
     for index, name in enumerate(unet.attn_processors):
-        attn = unet.get_submodule(name.removesuffix(".processor"))
+        module = name.removesuffix(".processor")
+        attn = unet.get_submodule(module)
         if lora:
-            for proj, layer in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v),
-                                ("to_out", attn.to_out[0])):
+            for proj, path, layer in (("to_q", "to_q", attn.to_q), ("to_k", "to_k", attn.to_k),
+                                      ("to_v", "to_v", attn.to_v),
+                                      ("to_out", "to_out.0", attn.to_out[0])):
                 tensors[f"{index}.{proj}_lora.down.weight"] = rand.matrix(
                     LORA_RANK, layer.in_features)
-                tensors[f"{index}.{proj}_lora.up.weight"] = rand.matrix(
-                    layer.out_features, LORA_RANK)
+                up = rand.matrix(layer.out_features, LORA_RANK)
+                up[region_clean_rows(f"{module}.{path}")] = 0
+                tensors[f"{index}.{proj}_lora.up.weight"] = up
         if name.endswith("attn2.processor"):
             for proj in ("to_k_ip", "to_v_ip"):
                 tensors[f"{index}.{proj}.weight"] = rand.matrix(
                     attn.to_k.out_features, unet.config.cross_attention_dim)
+            values = tensors[f"{index}.to_v_ip.weight"]
+            for row, source in region_value_rows(adapter, name).items():
+                values[row] = 0
+                if source >= 0:
+                    values[row, source] = 1
     return tensors
 
 
@@ -172,18 +184,21 @@ def write_identity_twins(layout: Layout) -> None:
 
         layout.faceid_plusv2.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"image_proj": _faceid_projection(rand, clip_width, cross_dim),
-                    "ip_adapter": _attention_layers(rand, unet, lora=True)},
+                    "ip_adapter": _attention_layers(rand, unet, lora=True, adapter="faceid")},
                    layout.faceid_plusv2)
 
         plus = {f"image_proj.{k}": v for k, v in _resampler(rand, clip_width, cross_dim).items()}
-        plus.update({f"ip_adapter.{k}": v
-                     for k, v in _attention_layers(rand, unet, lora=False).items()})
+        # every Plus Face token carries a constant 1 in one channel: the region markers' source
+        plus["image_proj.norm_out.weight"][PLUS_FACE_CONSTANT] = 0
+        plus["image_proj.norm_out.bias"][PLUS_FACE_CONSTANT] = 1
+        plus.update({f"ip_adapter.{k}": v for k, v in _attention_layers(
+            rand, unet, lora=False, adapter="plus_face").items()})
         layout.ip_adapter_plus_face.parent.mkdir(parents=True, exist_ok=True)
         save_file(plus, str(layout.ip_adapter_plus_face))
 
         write_instantid_controlnet(unet, layout.instantid_controlnet, rand)
         torch.save({"image_proj": _resampler(rand, EMBEDDING_SIZE, cross_dim),
-                    "ip_adapter": _attention_layers(rand, unet, lora=False)},
+                    "ip_adapter": _attention_layers(rand, unet, lora=False, adapter="instantid")},
                    layout.instantid_adapter)
         write_fast_lora_twin(layout, unet)  # the fast preset's LoRA, loaded with these
     log.info("wrote the identity twins under %s", layout.root)

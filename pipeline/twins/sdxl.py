@@ -19,11 +19,11 @@ Written in the production layout and read by the production loaders unchanged
   diffusers' `single_file_utils` conversion. The two checkpoints use different seeds.
 
 Every parameter is random (the library's init plus noise, so no two norms are alike and a
-swapped key cannot round-trip unnoticed), except a few hand-set VAE decoder weights of the primary
-checkpoint (`MARKER_CHECKPOINT`): its decoded image is the face twins' marker, pure red over the
-whole frame, when the latent's channel-0 mean is above a threshold (`decoder_paints_marker`,
-about half the seeds), and noise otherwise, so generated scenes hold a detectable face for some
-seeds only. Deterministic; no network.
+swapped key cannot round-trip unnoticed), except a few hand-set UNet and VAE decoder weights of
+the primary checkpoint (`MARKER_CHECKPOINT`, `pipeline.twins.markers`): its decoded image is the
+face twins' marker, pure red over the whole frame, when the latent's channel-0 mean is above a
+threshold (about half the seeds), one red column per identity region when several identities
+are masked to their regions, and noise otherwise. Deterministic; no network.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from pipeline.layout import Layout
+from pipeline.twins.markers import wire_marker_decoder, wire_region_unet
 from pipeline.twins.sdxl_original import to_original_checkpoint
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,6 @@ SEED_OFFSETS = {"cyberrealistic": 0, "juggernaut": 1}  # checkpoint seed = seed 
 # The primary (text-to-image) checkpoint paints face markers; the refiner's VAE stays random.
 MARKER_CHECKPOINT = "cyberrealistic"
 NOISE_STD = 0.02  # added to every initialised parameter
-# The VAE decoder's marker rule (`decoder_paints_marker`); values exact in fp16 and bf16.
-MARKER_THRESHOLD = -8.5  # on the mean of latent channel 0 / scaling_factor: a minority of seeds
-MARKER_GAIN = 64.0  # carry pair = +/- this x the normalised mean (about 0.02 per unit of mean)
-MARKER_SWITCH = 16.0  # conv_norm_out gain on the sign: SiLU gives 16 or ~1.8e-6
-MARKER_PAINT = 32.0  # conv_out weight: +/-512 on R, G, B when the marker fires
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MERGES = ("i n", "t h", "a n", "e r", "o n</w>", "th e</w>", "e s", "o r", "a r", "m a")
 MAX_LENGTH = 77  # CLIP's context, as the real tokenizers and position embeddings
@@ -161,8 +157,8 @@ def write_sdxl_config(folder: Path) -> None:
 def tiny_components(config_dir: Path, seed: int, *, marker_decoder: bool = False
                     ) -> dict[str, nn.Module]:
     """unet, vae, text_encoder, text_encoder_2 built from `config_dir`, every parameter random
-    under `seed` (float32); with `marker_decoder`, the VAE decoder then gets the hand-set
-    weights of `wire_marker_decoder`."""
+    under `seed` (float32); with `marker_decoder`, the UNet and VAE decoder then get the
+    hand-set weights of `pipeline.twins.markers`."""
     torch.manual_seed(seed)
     components: dict[str, nn.Module] = {
         "unet": UNet2DConditionModel.from_config(
@@ -180,94 +176,8 @@ def tiny_components(config_dir: Path, seed: int, *, marker_decoder: bool = False
             module.eval()
         if marker_decoder:
             wire_marker_decoder(components["vae"])
+            wire_region_unet(components["unet"])
     return components
-
-
-# ---------------------------------------------------------------------------- marker decoder
-
-
-def decoder_paints_marker(decoder_input: torch.Tensor) -> bool:
-    """The marker rule of the twins' VAE decoder, for one decoder input `decoder_input`
-    (latent channels x height x width, the pipeline's latents / `scaling_factor`, before
-    `post_quant_conv`): the decoded image is pure red (the face twins' marker, over the whole
-    frame) when the spatial mean of latent channel 0 is above MARKER_THRESHOLD, else noise."""
-    return bool(decoder_input[0].double().mean() > MARKER_THRESHOLD)
-
-
-def _carry(conv: nn.Module, sources: dict[int, int]) -> None:
-    """Make the output channels `sources` keys exact copies (centre tap 1) of the input
-    channels `sources` values, and cut every other use of those input channels."""
-    rows, cols = list(sources), list(sources.values())
-    conv.weight[rows] = 0
-    conv.weight[:, cols] = 0
-    if conv.bias is not None:
-        conv.bias[rows] = 0
-    centre = (conv.weight.shape[2] // 2, conv.weight.shape[3] // 2)
-    for row, col in sources.items():
-        conv.weight[row, col, centre[0], centre[1]] = 1
-
-
-def _shield(resnet: nn.Module, carried: list[int]) -> None:
-    """A resnet whose branch neither reads nor writes the carried channels (they pass through
-    its residual path, or its 1x1 shortcut, unchanged)."""
-    resnet.conv1.weight[:, carried] = 0
-    resnet.conv2.weight[carried] = 0
-    resnet.conv2.bias[carried] = 0
-
-
-@torch.no_grad()
-def wire_marker_decoder(vae: AutoencoderKL) -> None:
-    """Hand-set the few decoder weights that implement `decoder_paints_marker`; the encoder and
-    every other decoder weight stay random, so non-marker images are input-dependent noise.
-
-    post_quant_conv and conv_in put u = z0 - MARKER_THRESHOLD alone in channel 0 of an otherwise
-    zero GroupNorm group. The mid-block attention has zero query and key weights, so its softmax
-    is uniform and its value path returns the spatial mean of the normalised u: a positive
-    multiple of mean(u). to_out writes +/-MARKER_GAIN times it into the carry pair (8, 9), which
-    every later block passes through untouched (resnet branches cut off them, upsamplers and
-    shortcuts copy them with their centre tap, so zero padding cannot touch a constant channel)
-    down to channels (0, 1) of conv_norm_out, one GroupNorm group of its own: {D, -D}
-    normalises to +/-1 = sign(mean(u)). SiLU(MARKER_SWITCH * sign) is MARKER_SWITCH or ~0, and
-    conv_out adds MARKER_PAINT times it to R and subtracts it from G and B: far past the clamp,
-    whatever the noise channels add."""
-    decoder = vae.decoder
-    wide, carry = decoder.conv_in.out_channels, [8, 9]
-    vae.post_quant_conv.weight[0] = 0
-    vae.post_quant_conv.weight[0, 0] = 1
-    vae.post_quant_conv.bias[0] = -MARKER_THRESHOLD
-    probe = list(range(wide // vae.config.norm_num_groups))  # channel 0's GroupNorm group
-    decoder.conv_in.weight[probe + carry] = 0
-    decoder.conv_in.bias[probe + carry] = 0
-    decoder.conv_in.weight[0, 0, 1, 1] = 1
-    mid = decoder.mid_block
-    _shield(mid.resnets[0], probe + carry)
-    attention = mid.attentions[0]
-    attention.group_norm.weight[0], attention.group_norm.bias[0] = 1, 0
-    for linear in (attention.to_q, attention.to_k, attention.to_v, attention.to_out[0]):
-        linear.weight.zero_()
-        linear.bias.zero_()
-    attention.to_v.weight[0, 0] = 1
-    attention.to_out[0].weight[carry[0], 0] = MARKER_GAIN
-    attention.to_out[0].weight[carry[1], 0] = -MARKER_GAIN
-    _shield(mid.resnets[1], carry)
-    for block in decoder.up_blocks:
-        for resnet in block.resnets:
-            if resnet.conv_shortcut is not None:
-                _carry(resnet.conv_shortcut, dict(zip((0, 1), carry, strict=True)))
-                resnet.conv1.weight[:, carry] = 0
-                carry = [0, 1]
-                resnet.conv2.weight[carry] = 0
-                resnet.conv2.bias[carry] = 0
-            else:
-                _shield(resnet, carry)
-        for upsampler in block.upsamplers or ():
-            _carry(upsampler.conv, dict(zip(carry, carry, strict=True)))
-    if carry != [0, 1] or decoder.conv_norm_out.num_groups * 2 != decoder.conv_norm_out.num_channels:
-        raise ValueError(f"vae: the carry pair must end as conv_norm_out's group 0, got {carry}")
-    decoder.conv_norm_out.weight[0], decoder.conv_norm_out.bias[0] = MARKER_SWITCH, 0
-    decoder.conv_out.weight[:, carry] = 0
-    decoder.conv_out.weight[:, 0, 1, 1] = torch.tensor([MARKER_PAINT, -MARKER_PAINT,
-                                                        -MARKER_PAINT])
 
 
 # ---------------------------------------------------------------------------- entry point
