@@ -63,6 +63,8 @@ FACEID_INDEX = 0
 # CLIP image features of the IP-Adapter "plus" family: the penultimate hidden states.
 CLIP_HIDDEN_LAYER = -2
 EMBEDDING_SIZE = 512
+# Several identities: the band between two neighbouring regions, as a fraction of the width.
+REGION_GAP = 1 / 16
 
 
 @dataclass(frozen=True)
@@ -323,10 +325,13 @@ class IdentityModels:
 
 def identity_regions(width: int, height: int, count: int) -> list[Image.Image]:
     """The image split into `count` columns of equal width, left to right: region i is white
-    ("L" mode, 255) on column i only, so the regions are disjoint and cover the image."""
-    regions = []
+    ("L" mode, 255) on column i only, so the regions are disjoint. Neighbouring columns are
+    REGION_GAP of the width apart: no identity's tokens act on that seam, so two priors never
+    meet on one face (and the twins' region markers stay apart)."""
+    regions, gap = [], REGION_GAP * width / 2
     for index in range(count):
-        left, right = round(index * width / count), round((index + 1) * width / count)
+        left = round(index * width / count + (gap if index else 0))
+        right = round((index + 1) * width / count - (gap if index < count - 1 else 0))
         pixels = np.zeros((height, width), dtype=np.uint8)
         pixels[:, left:right] = 255
         regions.append(Image.fromarray(pixels))  # uint8, 2-D: mode "L"
