@@ -70,7 +70,7 @@ def paste_back(scene: Image.Image, refined: Image.Image, alpha: np.ndarray,
     return Image.fromarray(out)
 
 
-def _faces_report(found: list, chosen: int | None, picked_by: str | None) -> dict[str, Any]:
+def faces_report(found: list, chosen: int | None, picked_by: str | None) -> dict[str, Any]:
     return {"faces": [dict(index=i, **face.to_report()) for i, face in enumerate(found)],
             "chosen": chosen, "picked_by": picked_by}
 
@@ -158,7 +158,7 @@ class FaceSwapStage:
                                       face_crop=face_ops.aligned_face_crop(image, face),
                                       faceid_embedding=face.score_embedding)
         report: dict[str, Any] = {"applied": False, "reason": None, "similarity": None,
-                                  "reference": _faces_report(found, ref_index, ref_reason)}
+                                  "reference": faces_report(found, ref_index, ref_reason)}
         return face, reference, report
 
     def swap_onto(self, scene: Image.Image, face: Any, reference: ReferenceIdentity,
@@ -170,7 +170,7 @@ class FaceSwapStage:
         with timings.stage("detect_target"):
             targets = face_ops.detect_target_faces(self.faces, scene)
         if not targets:
-            report["target"] = _faces_report([], None, None)
+            report["target"] = faces_report([], None, None)
             report["reason"] = "no face found in the generated image"
             if request.require_face_swap:
                 raise FaceSwapNotApplied(
@@ -183,12 +183,28 @@ class FaceSwapStage:
             scene, targets, identity.target_index, identity.target_description,
             identity.field + "target_index", identity.image_field)
         target = targets[target_index]
-        report["target"] = _faces_report(targets, target_index, target_reason)
+        report["target"] = faces_report(targets, target_index, target_reason)
         notify("refining the face")
         with timings.stage("mask"):
-            box = face_ops.crop_box(target.box, scene.size)
             mask = face_ops.face_mask(self.faces, scene, target.box)
-            crop_mask = mask[box[1]:box[3], box[0]:box[2]]
+        final = self.refine_face(scene, target, mask, reference, request, params, timings,
+                                 report, recipe=recipe)
+        with timings.stage("similarity"):
+            report["similarity"] = round(float(face_ops.identity_similarity(
+                self.faces, face, final, target.box)), 4)
+        report["applied"] = True
+        return final
+
+    def refine_face(self, scene: Image.Image, target: Any, mask: np.ndarray,
+                    reference: ReferenceIdentity, request: Request, params: GenerationParams,
+                    timings: Any, report: dict[str, Any], *, seed: int | None = None,
+                    keep_out: np.ndarray | None = None,
+                    recipe: RefineRecipe | None = None) -> Image.Image:
+        """Refine the face `target` of `scene` (its full-image `mask`) under InstantID with
+        `reference` and paste it back; `keep_out` (full-image bool) is where the paste must not
+        reach; `seed` defaults to the refine seed of `params`. Records `report["refine"]`."""
+        box = face_ops.crop_box(target.box, scene.size)
+        crop_mask = mask[box[1]:box[3], box[0]:box[2]]
         with timings.stage("refine"):
             keypoints = face_ops.target_keypoints(target) - np.array(box[:2], dtype=np.float32)
             refine_report: dict[str, Any] = {}
@@ -196,13 +212,11 @@ class FaceSwapStage:
             with preset_mode(self.identity.refine_pipe, request.preset):
                 refined = self.identity.refine(scene.crop(box),
                                                Image.fromarray(crop_mask.astype(np.uint8) * 255),
-                                               keypoints, reference, params, recipe=recipe,
-                                               report=refine_report)
+                                               keypoints, reference, params, seed=seed,
+                                               recipe=recipe, report=refine_report)
             report["refine"] = refine_report
         with timings.stage("paste"):
-            final = paste_back(scene, refined, paste_mask(crop_mask), box)
-        with timings.stage("similarity"):
-            report["similarity"] = round(float(face_ops.identity_similarity(
-                self.faces, face, final, target.box)), 4)
-        report["applied"] = True
-        return final
+            alpha = paste_mask(crop_mask)
+            if keep_out is not None:
+                alpha = alpha * ~keep_out[box[1]:box[3], box[0]:box[2]]
+            return paste_back(scene, refined, alpha, box)

@@ -29,11 +29,11 @@ from PIL import Image
 
 from pipeline import faces as face_ops
 from pipeline.errors import FaceSwapNotApplied, InvalidInput
-from pipeline.faceswap import FaceSwapStage, _faces_report, paste_back, paste_mask
+from pipeline.faceswap import FaceSwapStage, faces_report
 from pipeline.generate import GenerationParams
 from pipeline.identity import ReferenceIdentity
 from pipeline.instantid import refine_seed
-from pipeline.presets import fast_adapters, preset_mode, refine_recipe
+from pipeline.presets import fast_adapters, preset_mode
 from pipeline.schema import Identity, Request
 
 
@@ -190,7 +190,7 @@ class MultiIdentityStage:
             "reason": None if not missing else "; ".join(
                 f"identities[{p}]: {entries[p]['reason']}" for p in missing),
             "similarity": None,
-            "target": _faces_report(targets, None, None),
+            "target": faces_report(targets, None, None),
             "identities": entries,
         }
         if missing and request.require_face_swap:
@@ -199,26 +199,13 @@ class MultiIdentityStage:
         return final, report
 
     def _refine_one(self, scene: Image.Image, target: Any, index: int, mask: np.ndarray,
-                    others: np.ndarray, loaded: LoadedIdentity, request: Request, params: GenerationParams,
-                    timings: Any, entry: dict[str, Any]) -> Image.Image:
-        identity = self.stage.identity
-        box = face_ops.crop_box(target.box, scene.size)
-        crop_mask = mask[box[1]:box[3], box[0]:box[2]]
-        with timings.stage("refine"):
-            keypoints = face_ops.target_keypoints(target) - np.array(box[:2], dtype=np.float32)
-            recipe = refine_recipe(identity.recipe, request.preset, params.steps)
-            refine_report: dict[str, Any] = {}
-            with preset_mode(identity.refine_pipe, request.preset):
-                # The seed follows the scene face, so swapping two references swaps the faces.
-                refined = identity.refine(scene.crop(box),
-                                          Image.fromarray(crop_mask.astype(np.uint8) * 255),
-                                          keypoints, loaded.reference, params,
-                                          seed=refine_seed(params.seed) + index, recipe=recipe,
-                                          report=refine_report)
-            entry["refine"] = refine_report
-        with timings.stage("paste"):
-            keep_out = others[box[1]:box[3], box[0]:box[2]]
-            final = paste_back(scene, refined, paste_mask(crop_mask) * ~keep_out, box)
+                    others: np.ndarray, loaded: LoadedIdentity, request: Request,
+                    params: GenerationParams, timings: Any, entry: dict[str, Any]
+                    ) -> Image.Image:
+        # The seed follows the scene face, so swapping two references swaps the faces.
+        final = self.stage.refine_face(scene, target, mask, loaded.reference, request, params,
+                                       timings, entry, seed=refine_seed(params.seed) + index,
+                                       keep_out=others)
         entry["applied"] = True
         return final
 
