@@ -33,24 +33,30 @@ from pipeline.fields import (  # noqa: F401  (REQUIRED, check_field: part of the
     kind_name,
     type_name,
 )
+from pipeline.identity_schema import (  # noqa: F401  (re-exported: part of the schema's API)
+    IDENTITY_FIELDS,
+    MAX_DESCRIPTION_CHARS,
+    MAX_FACE_INDEX,
+    MAX_IMAGE_URL_CHARS,
+    SINGLE_REFERENCE_FIELDS,
+    UPLOAD,
+    Identity,
+    IdentityInputs,
+    identity_entries,
+)
 
 MAX_SEED = 2**63 - 1  # the endpoint we replace drew seeds up to 2**63
 SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 512, 2048, 8
 MAX_PROMPT_CHARS = 2000
-MAX_DESCRIPTION_CHARS = 300
-# A data: URI carries the image itself; its decoded size is bounded again in image_input.
-MAX_IMAGE_URL_CHARS = 28 * 1024 * 1024
 MAX_VOLUME_PATH_CHARS = 200
 MAX_FOLDER_NAME_BYTES = 255  # a folder name longer than this fails on every common filesystem
-MAX_FACE_INDEX = 63
+
 # Presets (pipeline.presets, which needs torch, holds the same numbers and the rest).
 PRESET_CHOICES = ("quality", "fast")
 FAST_STEPS, FAST_MIN_STEPS, FAST_MAX_STEPS = 8, 4, 12
 MAX_OUTPUTS = 4  # images per request (Replicate's habit); image i uses seed + i
 MAX_IDENTITIES = 4  # references per request, each on its own face of the scene
 
-# The Cog-only upload input (RunPod payloads cannot carry files); it becomes `Request.image_path`.
-UPLOAD = "image"
 UPLOAD_DESCRIPTION = ("Face reference image, uploaded. Enables face swap; give this or "
                       "image_url, not both.")
 
@@ -110,26 +116,6 @@ def resolve_volume_dir(volume_path: str, root: Path) -> Path:
         raise InvalidInput(field_name, f"resolves outside the volume (a link leading out?): "
                                        f"{shorten(volume_path)}")
     return target
-
-
-class IdentityInputs(metaclass=SpecNamespace):
-    """One reference: the single-reference fields of `Inputs` and each entry of `identities`."""
-
-    image_url = FieldSpec(str, REQUIRED, "Face reference image: an http(s) URL or a data: URI.",
-                          min_length=1, max_length=MAX_IMAGE_URL_CHARS, cog_max_length=False)
-    face_description = FieldSpec(str, "", "Which face of the reference to use, in words "
-                                 "(e.g. 'the woman on the left'); empty means the largest face.",
-                                 max_length=MAX_DESCRIPTION_CHARS)
-    face_index = FieldSpec(int, None, "Which face of the reference to use, 0-based in the "
-                           "order the response reports; overrides face_description.",
-                           ge=0, le=MAX_FACE_INDEX, nullable=True)
-    target_description = FieldSpec(str, "", "Which face of the generated scene receives the "
-                                    "identity, in words; empty means the largest face (with "
-                                    "identities: the largest face no other identity took).",
-                                    max_length=MAX_DESCRIPTION_CHARS)
-    target_index = FieldSpec(int, None, "Which face of the generated scene receives the "
-                             "identity, 0-based in the order the response reports.",
-                             ge=0, le=MAX_FACE_INDEX, nullable=True)
 
 
 class Inputs(metaclass=SpecNamespace):
@@ -204,33 +190,6 @@ class OutputOptions:
     format: str = OutputInputs.format.default
     quality: int = OutputInputs.quality.default
     upload: bool = OutputInputs.upload.default
-
-
-IDENTITY_FIELDS: tuple[FieldSpec, ...] = tuple(IdentityInputs)
-# The single-reference fields a request with `identities` must leave alone (they would be
-# ignored): each entry carries its own.
-SINGLE_REFERENCE_FIELDS = tuple(spec for spec in IDENTITY_FIELDS if spec.name != "image_url")
-
-
-@dataclass(frozen=True)
-class Identity:
-    """One reference of a request and the scene face it goes to; `field` is where it came from
-    in the request (`identities[1].` or `` for the single-reference fields), for errors."""
-
-    image_url: str | None
-    face_description: str = IdentityInputs.face_description.default
-    face_index: int | None = IdentityInputs.face_index.default
-    target_description: str = IdentityInputs.target_description.default
-    target_index: int | None = IdentityInputs.target_index.default
-    field: str = ""
-    image_path: str | None = None  # a Cog upload (single-reference form only)
-
-    @property
-    def image_field(self) -> str:
-        """The request field that holds this reference's image, for errors."""
-        if self.image_url is None and self.image_path is not None:
-            return UPLOAD
-        return self.field + "image_url"
 
 
 @dataclass(frozen=True)
@@ -346,19 +305,7 @@ def _identities(values: dict[str, Any], upload: str | None) -> tuple[Identity, .
             raise InvalidInput(spec.name, f"must not be given together with `{name}` (each "
                                           f"entry has its own `{spec.name}`), got "
                                           f"{shorten(values[spec.name])}")
-    identities = tuple(Identity(**entry, field=f"{name}[{position}].")
-                       for position, entry in enumerate(entries))
-    chosen: dict[int, int] = {}
-    for position, identity in enumerate(identities):
-        target = identity.target_index
-        if target is None:
-            continue
-        if target in chosen:
-            raise InvalidInput(f"{name}[{position}].target_index",
-                               f"chooses scene face {target}, as `{name}[{chosen[target]}]."
-                               "target_index` does: each identity needs its own face")
-        chosen[target] = position
-    return identities
+    return identity_entries(entries, name)
 
 
 def _preset_steps(payload: dict, values: dict[str, Any]) -> int:
