@@ -14,15 +14,12 @@ section 7 (FLOPs).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
+
+from bench.twin_service import bench_arguments, twin_service, write_report
 
 SIZE, STEPS = 512, 35
 SCENE_BOXES = [(20, 150, 120, 280), (140, 150, 240, 280), (260, 150, 360, 280),
@@ -35,14 +32,14 @@ def measure(service: Any, repeats: int) -> dict[str, Any]:
     from PIL import ImageDraw
 
     from bench.fidelity import draw_marker_photo
-    from bench.presets import _data_uri
+    from bench.twin_service import data_uri
     from pipeline.generate import GenerationParams
     from pipeline.identities import LoadedIdentity, MultiIdentityStage
     from pipeline.schema import validate_request
     from pipeline.service import Timings
     from pipeline.twins.faces import MARKER_RGB
 
-    references = [_data_uri(draw_marker_photo((256, 256), box, seed=10 + i))
+    references = [data_uri(draw_marker_photo((256, 256), box, seed=10 + i))
                   for i, box in enumerate(REFERENCE_BOXES)]
     stage = MultiIdentityStage(service.face_swap)
     scene = draw_marker_photo((SIZE, SIZE), SCENE_BOXES[0], seed=5)
@@ -78,33 +75,14 @@ def measure(service: Any, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.identities",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--weights", type=Path, help="a weights tree (default: fresh twins)")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("PIPELINE_DEVICE", "cpu")
-    os.environ.setdefault("PIPELINE_REFINE_GUIDE_SIZE", "256")
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    with tempfile.TemporaryDirectory(prefix="identities-bench-") as scratch:
-        weights = args.weights
-        if weights is None:
-            from pipeline.twins import write_tiny_weights
-
-            weights = write_tiny_weights(Path(scratch) / "weights").root
-        from pipeline.service import CharacterService
-
-        service = CharacterService.load(weights)
-        service.warm_up()
+    args = bench_arguments("python -m bench.identities", __doc__, argv)
+    with twin_service(args.weights, "identities-bench-") as service:
         report = measure(service, args.repeats)
     for part in ("generate", "swap"):
         cells = ", ".join(f"{count}: {row['median_s']:.3f} s ({row['ratio_to_one']:.2f}x)"
                           for count, row in report[part].items())
         print(f"{part} median by identities: {cells}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return 0
 
 

@@ -15,25 +15,14 @@ full-size estimate is bench/flops.py's FLOP ratio (docs/performance.md, section 
 
 from __future__ import annotations
 
-import argparse
-import base64
-import io
-import json
-import os
 import statistics
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
+
+from bench.twin_service import bench_arguments, data_uri, twin_service, write_report
 
 PRESETS = ("quality", "fast")
 SIZE = 512
-
-
-def _data_uri(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def measure(service: Any, repeats: int, reference: str) -> dict[str, Any]:
@@ -65,36 +54,18 @@ def measure(service: Any, repeats: int, reference: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.presets",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--weights", type=Path, help="a weights tree (default: fresh twins)")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("PIPELINE_DEVICE", "cpu")
-    os.environ.setdefault("PIPELINE_REFINE_GUIDE_SIZE", "256")
-    os.environ.setdefault("YOLO_OFFLINE", "1")
-    with tempfile.TemporaryDirectory(prefix="presets-bench-") as scratch:
-        weights = args.weights
-        if weights is None:
-            from pipeline.twins import write_tiny_weights
-
-            weights = write_tiny_weights(Path(scratch) / "weights").root
+    args = bench_arguments("python -m bench.presets", __doc__, argv)
+    with twin_service(args.weights, "presets-bench-") as service:
         from bench.fidelity import draw_marker_photo
-        from pipeline.service import CharacterService
 
-        service = CharacterService.load(weights)
-        service.warm_up()
-        reference = _data_uri(draw_marker_photo((256, 256), (60, 60, 180, 200), seed=0))
+        reference = data_uri(draw_marker_photo((256, 256), (60, 60, 180, 200), seed=0))
         report = measure(service, args.repeats, reference)
     for mode in ("text", "face"):
         row = report[mode]
         print(f"{mode} generate: quality median {row['median_quality_s']:.3f} s, fast median "
               f"{row['median_fast_s']:.3f} s, fast/quality {row['ratio']:.3f}")
     print(f"face refine (applied swaps only): median s {report['refine']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     return 0
 
 
