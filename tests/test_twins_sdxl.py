@@ -255,3 +255,35 @@ def test_generated_scenes_hold_a_face_marker_for_some_seeds(tmp_path):
     finally:
         hook.remove()
     assert 0 < sum(fired.values()) < len(fired), fired
+
+
+def test_lora_twins_leave_the_region_channel_alone(layout):
+    """Every LoRA twin's "up" rows that would write the region markers' layout channel are
+    zero (`region_clean_rows`), so a LoRA cannot paint columns in a text request."""
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.twins.fast_lora import fast_lora_tensors
+    from pipeline.twins.identity import write_identity_twins
+    from pipeline.twins.markers import region_clean_rows
+
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(layout.sdxl_config / "unet"))
+    fast = fast_lora_tensors(unet)
+    write_identity_twins(layout)
+    faceid = torch.load(layout.faceid_plusv2, weights_only=True)["ip_adapter"]
+    names = [name.removesuffix(".processor") for name in unet.attn_processors]
+    checked = 0
+    for name, _module in unet.named_modules():
+        rows = region_clean_rows(name)
+        if not rows:
+            continue
+        kohya = "lora_unet_" + name.replace(".", "_") + ".lora_up.weight"
+        if kohya in fast:
+            assert not fast[kohya][rows].any(), kohya
+            checked += 1
+        attention, _, projection = name.rpartition(".to_")
+        if attention in names and projection in ("v", "out.0"):
+            key = f"{names.index(attention)}.to_{projection.removesuffix('.0')}_lora.up.weight"
+            assert not faceid[key][rows].any(), key
+            checked += 1
+    assert checked >= 10
