@@ -18,6 +18,7 @@ then larger first (`order_faces`); indices in requests and reports refer to that
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,22 +335,33 @@ def face_mask(models: FaceModels, image: Image.Image, box: Box,
     """Boolean HxW mask of the face in `box`: SAM ViT-B prompted with the box, pixels with
     sigmoid(logit) >= `threshold`, kept inside `crop_box(box)` (the region that is refined).
     Falls back to the ellipse inscribed in the box when SAM covers < MIN_MASK_FRACTION of it."""
+    return face_masks(models, image, [box], threshold)[0]
+
+
+def face_masks(models: FaceModels, image: Image.Image, boxes: Sequence[Box],
+               threshold: float = SAM_MASK_THRESHOLD) -> list[np.ndarray]:
+    """`face_mask` for each of `boxes` of one image, which SAM's image encoder embeds once."""
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"`threshold` must be strictly between 0 and 1, got {threshold}")
+    if not boxes:
+        return []
     sam_embed(models.sam, np.asarray(image.convert("RGB")))
-    logits, _, _ = models.sam.predict(box=np.asarray(box, dtype=np.float32),
-                                      multimask_output=False, return_logits=True)
     logit_cut = float(np.log(threshold / (1.0 - threshold)))
-    mask = np.asarray(logits[0]) >= logit_cut
-    left, top, right, bottom = crop_box(box, image.size)
-    region = np.zeros_like(mask)
-    region[top:bottom, left:right] = True
-    mask &= region
-    inside = _ellipse(image.size, box)
-    if mask[inside].sum() < MIN_MASK_FRACTION * max(1, inside.sum()):
-        log.warning("SAM mask covers little of face box %s: using the box's ellipse", box)
-        return inside
-    return mask
+    masks = []
+    for box in boxes:
+        logits, _, _ = models.sam.predict(box=np.asarray(box, dtype=np.float32),
+                                          multimask_output=False, return_logits=True)
+        mask = np.asarray(logits[0]) >= logit_cut
+        left, top, right, bottom = crop_box(box, image.size)
+        region = np.zeros_like(mask)
+        region[top:bottom, left:right] = True
+        mask &= region
+        inside = _ellipse(image.size, box)
+        if mask[inside].sum() < MIN_MASK_FRACTION * max(1, inside.sum()):
+            log.warning("SAM mask covers little of face box %s: using the box's ellipse", box)
+            mask = inside
+        masks.append(mask)
+    return masks
 
 
 def identity_similarity(models: FaceModels, reference: Face, image: Image.Image,

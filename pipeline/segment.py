@@ -8,7 +8,6 @@ face box is `pipeline.faces.face_mask`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 from dataclasses import dataclass
@@ -101,10 +100,6 @@ def sam_config_from_state_dict(state: dict[str, torch.Tensor]) -> SamConfig:
         mask_in_chans=state["prompt_encoder.mask_downscaling.3.weight"].shape[0])
 
 
-# id(predictor) -> (digest of the pixels, the embedding `sam_embed` last computed).
-_EMBEDDED: dict[int, tuple[tuple, Any]] = {}
-
-
 def load_sam(path: Path, device: torch.device) -> Any:
     """A `SamPredictor` over the checkpoint at `path` (real ViT-B or the tiny twin)."""
     from segment_anything import SamPredictor
@@ -125,20 +120,11 @@ def load_sam(path: Path, device: torch.device) -> Any:
 def sam_embed(sam: Any, rgb: np.ndarray) -> None:
     """SAM's image encoder; on a bf16-capable GPU under bf16 autocast (its hand-written attention
     keeps full score matrices: 2.45 GiB in fp32, 1.23 in bf16), then the embedding back in fp32
-    for the mask decoder, which hands numpy arrays back (numpy has no bf16).
-
-    The same pixels twice in a row are embedded once (several identities mask several faces of
-    one scene): the last embedding is kept with a digest of its pixels, and reused only while
-    the predictor still holds that very embedding."""
-    digest = (rgb.shape, hashlib.blake2b(rgb.tobytes(), digest_size=16).digest())
-    embedded = _EMBEDDED.get(id(sam))
-    if embedded is not None and embedded[0] == digest and embedded[1] is sam.features:
-        return
+    for the mask decoder, which hands numpy arrays back (numpy has no bf16)."""
     device = sam.model.device
     if device.type != "cuda" or not torch.cuda.is_bf16_supported():
         sam.set_image(rgb)
-    else:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            sam.set_image(rgb)
-        sam.features = sam.features.float()
-    _EMBEDDED[id(sam)] = (digest, sam.features)
+        return
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sam.set_image(rgb)
+    sam.features = sam.features.float()

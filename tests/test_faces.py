@@ -260,6 +260,26 @@ def test_face_mask_is_sams_mask_inside_the_crop(models):
     assert not high[:int(box[1])].any() and not high[:, int(box[2]):].any()
 
 
+def test_face_masks_embed_the_scene_once_for_every_box(models):
+    """Several identities mask several faces of one scene: one SAM image encode, and each mask
+    the same as `face_mask` of its box alone."""
+    boxes = [(40.0, 60.0, 200.0, 260.0), (300.0, 80.0, 460.0, 300.0), (520.0, 90.0, 620.0, 220.0)]
+    image = marker_scene(SQUARE, [tuple(int(v) for v in box) for box in boxes])
+    calls = []
+    hook = models.sam.model.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        together = F.face_masks(models, image, boxes)
+        assert len(calls) == 1
+        alone = [F.face_mask(models, image, box) for box in boxes]
+        assert len(calls) == 1 + len(boxes)
+    finally:
+        hook.remove()
+    assert len(together) == len(boxes)
+    for mask, single in zip(together, alone, strict=True):
+        np.testing.assert_array_equal(mask, single)
+    assert F.face_masks(models, image, []) == [] and len(calls) == 1 + len(boxes)
+
+
 def test_identity_similarity_prefers_the_same_face(models):
     boxes = [(60, 80, 260, 320), (380, 300, 560, 500)]
     image = marker_scene(SQUARE, boxes)

@@ -148,22 +148,6 @@ def test_embedding_is_deterministic_and_follows_the_image(predictor):
     assert not torch.equal(predictor.features, first)
 
 
-def test_the_same_pixels_twice_are_embedded_once(predictor):
-    calls = []
-    hook = predictor.model.image_encoder.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        S.sam_embed(predictor, _scene(seed=3))
-        S.sam_embed(predictor, _scene(seed=3))  # a new array, the same pixels
-        assert len(calls) == 1
-        S.sam_embed(predictor, _scene(seed=4))
-        assert len(calls) == 2
-        predictor.set_image(_scene(seed=3))  # someone else embedded: the record is stale
-        S.sam_embed(predictor, _scene(seed=4))
-        assert len(calls) == 4
-    finally:
-        hook.remove()
-
-
 def test_embedding_on_the_cpu_is_the_plain_encoder(predictor):
     """On the CPU (no bf16 autocast) `sam_embed` is segment-anything's own `set_image`."""
     image = _scene(seed=2)
