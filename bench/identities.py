@@ -34,7 +34,7 @@ def measure(service: Any, repeats: int) -> dict[str, Any]:
     from bench.fidelity import draw_marker_photo
     from bench.twin_service import data_uri
     from pipeline.generate import GenerationParams
-    from pipeline.identities import LoadedIdentity, MultiIdentityStage
+    from pipeline.identities import MultiIdentityStage
     from pipeline.schema import validate_request
     from pipeline.service import Timings
     from pipeline.twins.faces import MARKER_RGB
@@ -53,8 +53,7 @@ def measure(service: Any, repeats: int) -> dict[str, Any]:
             request = validate_request({"prompt": "four knights", "width": SIZE, "height": SIZE,
                                         "steps": STEPS, "seed": 0, "identities": [
                                             {"image_url": url} for url in references[:count]]})
-            loaded = [LoadedIdentity(i, *service.face_swap.load_identity(i, Timings()))
-                      for i in request.references]
+            loaded = stage.load_all(request, Timings())
             started = time.perf_counter()
             stage.stage.identity.generate(params, [one.reference for one in loaded])
             seconds["generate"].setdefault(count, []).append(time.perf_counter() - started)

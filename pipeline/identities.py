@@ -134,24 +134,28 @@ class MultiIdentityStage:
 
     stage: FaceSwapStage
 
+    def load_all(self, request: Request, timings: Any) -> list[LoadedIdentity]:
+        """Every identity's reference stage (fetch, face choice, embeddings), in request order."""
+        return [LoadedIdentity(identity, *self.stage.load_identity(identity, timings))
+                for identity in request.references]
+
     def run_all(self, request: Request, params_each: Sequence[GenerationParams], timings: Any,
                 notify: Any) -> list[tuple[Image.Image, dict[str, Any]]]:
-        """Every image of the request (`num_outputs`): references once, then per image the
-        generation with regional priors and the swap of every identity."""
+        """Every image of the request (`num_outputs`): references once, then every image's
+        generation with regional priors, then every image's swap of every identity (so a 24 GB
+        card swaps its UNets twice per request, not per image, as `FaceSwapStage.run_all`)."""
         notify("loading references")
-        loaded = [LoadedIdentity(identity, *self.stage.load_identity(identity, timings))
-                  for identity in request.references]
+        loaded = self.load_all(request, timings)
         order = region_order(request.references)
-        outputs = []
+        identity, scenes = self.stage.identity, []
         for number, params in enumerate(params_each):
             notify("generating" if len(params_each) == 1
                    else f"generating image {number + 1} of {len(params_each)}")
-            identity = self.stage.identity
             with timings.stage("generate"), preset_mode(identity.text_pipe, request.preset):
-                scene = identity.generate(params, [loaded[i].reference for i in order],
-                                          extra_lora=fast_adapters(request.preset))
-            outputs.append(self.swap_all(scene, loaded, request, params, timings, notify))
-        return outputs
+                scenes.append(identity.generate(params, [loaded[i].reference for i in order],
+                                                extra_lora=fast_adapters(request.preset)))
+        return [self.swap_all(scene, loaded, request, params, timings, notify)
+                for scene, params in zip(scenes, params_each, strict=True)]
 
     def swap_all(self, scene: Image.Image, loaded: list[LoadedIdentity], request: Request,
                  params: GenerationParams, timings: Any, notify: Any
@@ -169,16 +173,19 @@ class MultiIdentityStage:
         placed = [position for position, (index, _how) in enumerate(assigned)
                   if index is not None]
         with timings.stage("mask"):
-            masks = disjoint_masks([face_ops.face_mask(faces, scene, targets[assigned[p][0]].box)
-                                    for p in placed])
+            masks = disjoint_masks(face_ops.face_masks(
+                faces, scene, [targets[assigned[p][0]].box for p in placed]))
         final = scene
         for (mask, others), position in zip(masks, placed, strict=True):
             index, how = assigned[position]
+            entry = entries[position]
             notify(f"refining face {index} for identity {position}")
-            final = self._refine_one(final, targets[index], index, mask, others,
-                                     loaded[position], request, params, timings,
-                                     entries[position])
-            entries[position]["target"] = {"chosen": index, "picked_by": how}
+            # The seed follows the scene face, so swapping two references swaps the faces.
+            final = self.stage.refine_face(final, targets[index], mask, loaded[position].reference,
+                                           request, params, timings, entry,
+                                           seed=refine_seed(params.seed) + index, keep_out=others)
+            entry["applied"] = True
+            entry["target"] = {"chosen": index, "picked_by": how}
         with timings.stage("similarity"):
             self._score(final, targets, assigned, loaded, entries)
         for entry, (index, reason) in zip(entries, assigned, strict=True):
@@ -197,17 +204,6 @@ class MultiIdentityStage:
             raise FaceSwapNotApplied(f"face swap not applied to every identity "
                                      f"(`require_face_swap` is true): {report['reason']}")
         return final, report
-
-    def _refine_one(self, scene: Image.Image, target: Any, index: int, mask: np.ndarray,
-                    others: np.ndarray, loaded: LoadedIdentity, request: Request,
-                    params: GenerationParams, timings: Any, entry: dict[str, Any]
-                    ) -> Image.Image:
-        # The seed follows the scene face, so swapping two references swaps the faces.
-        final = self.stage.refine_face(scene, target, mask, loaded.reference, request, params,
-                                       timings, entry, seed=refine_seed(params.seed) + index,
-                                       keep_out=others)
-        entry["applied"] = True
-        return final
 
     def _score(self, final: Image.Image, targets: list, assigned: list, loaded: list,
                entries: list[dict[str, Any]]) -> None:

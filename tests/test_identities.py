@@ -23,7 +23,6 @@ from pipeline.errors import FaceSwapNotApplied, InvalidInput
 from pipeline.faces import detect_target_faces, face_mask
 from pipeline.generate import GenerationParams, text_to_image
 from pipeline.identities import (
-    LoadedIdentity,
     MultiIdentityStage,
     assign_targets,
     disjoint_masks,
@@ -68,8 +67,7 @@ def _request(**fields):
 
 
 def _loaded(service, request):
-    return [LoadedIdentity(identity, *service.face_swap.load_identity(identity, Timings()))
-            for identity in request.references]
+    return MultiIdentityStage(service.face_swap).load_all(request, Timings())
 
 
 def _scene():
@@ -281,6 +279,29 @@ def test_identities_take_the_scene_faces_largest_first_and_report_each(service, 
         assert [c["identity"] for c in entry["cross_similarity"]] == [other]
         assert entry["reference"]["chosen"] == 0 and entry["refine"]["steps"] > 0
     assert final.size == (SIZE, SIZE) and final.tobytes() != _scene().tobytes()
+
+
+def test_identities_with_two_outputs_generate_every_scene_before_any_refine(service,
+                                                                              monkeypatch):
+    """As with one reference: every image's generation, then every swap, so a 24 GB card moves
+    its UNets twice per request, not per image."""
+    identity, events = service.face_swap.identity, []
+    for name in ("generate", "refine"):
+        real = getattr(identity, name)
+
+        def recording(*args, _real=real, _name=name, **kwargs):
+            events.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(identity, name, recording)
+    for seed in range(8):
+        result = service.run(_request(identities=[{"image_url": REF_A}, {"image_url": REF_B}],
+                                      num_outputs=2, seed=seed))
+        if "refine" in events:
+            break
+        events.clear()
+    assert [one.seed for one in result.images] == [seed, seed + 1]
+    assert events[:2] == ["generate", "generate"] and set(events[2:]) == {"refine"}
 
 
 def test_identities_each_refine_sees_its_own_reference_and_face(service, stage, monkeypatch):
