@@ -18,7 +18,7 @@ median seconds per image, and counts. A swap that was not applied is a row with 
 counted, never dropped; the headline numbers use buffalo_l. A contact sheet (reference | output,
 128 px thumbnails, one row per image) goes next to OUT or to `--sheet`.
 
-`--smoke` runs the same code on tiny twins (`pipeline.twins`) in a temporary folder with two
+`--smoke` runs the same code on tiny twins (`twins`) in a temporary folder with two
 drawn marker references (and held-out markers), 512x512, 2 steps, one prompt, seed `SMOKE_SEED`:
 numbers meaningless, code path real.
 """
@@ -216,8 +216,8 @@ def evaluate(service: Any, references: list[Path], held_out: Path | None, prompt
 def draw_marker_photo(size: tuple[int, int], box: tuple[int, int, int, int],
                       seed: int) -> Image.Image:
     """A twin "face photo": uniform noise (red capped so it never fires) with one face marker,
-    the pure red rectangle the face-detector twins detect (pipeline/twins/faces.py)."""
-    from pipeline.twins.faces import MARKER_RGB
+    the pure red rectangle the face-detector twins detect (twins/faces.py)."""
+    from twins.faces import MARKER_RGB
 
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     pixels[..., 0] = np.minimum(pixels[..., 0], 170)  # R - G - B stays under the marker's 0.7
@@ -228,7 +228,7 @@ def draw_marker_photo(size: tuple[int, int], box: tuple[int, int, int, int],
 
 def smoke_inputs(folder: Path) -> tuple[Path, Path, Path]:
     """Tiny-twin weights and marker references (+ held-out markers) under `folder`."""
-    from pipeline.twins import write_tiny_weights
+    from twins import write_tiny_weights
 
     weights, references, held_out = folder / "weights", folder / "references", folder / "held_out"
     write_tiny_weights(weights)

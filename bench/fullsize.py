@@ -9,7 +9,7 @@ parameter counts, FLOPs, memory and load times are the real ones. Builders:
 - `write_sdxl_config_folder(folder)`: a full-size SDXL config folder (tokenizers from the tiny
   twin: the real BPE files cannot be downloaded here; token ids stay below the real vocabulary);
 - `write_fullsize_checkpoint(path, ...)`: an SDXL single-file checkpoint in the original key
-  layout (`pipeline.twins.sdxl`'s conversion), fp16 random values, written one component at a
+  layout (`twins.sdxl`'s conversion), fp16 random values, written one component at a
   time to bound RAM (~7 GB per file);
 - `write_fullsize_weights(root)`: a production weights tree at full size (both checkpoints, the
   identity models, SAM ViT-B; the small face detectors and the picker stay tiny twins) for the
@@ -152,13 +152,13 @@ def count(module: torch.nn.Module) -> int:
 
 
 def write_sdxl_config_folder(folder: Path) -> None:
-    """A full-size SDXL config folder: the tiny twin's (`pipeline.twins.sdxl`: model_index,
+    """A full-size SDXL config folder: the tiny twin's (`twins.sdxl`: model_index,
     scheduler, byte-level tokenizers) with the real model configs written over it; the text
     encoders keep the twin tokenizer's special-token ids."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from pipeline.twins.sdxl import write_sdxl_config
+    from twins.sdxl import write_sdxl_config
 
     write_sdxl_config(folder)
     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
@@ -198,11 +198,11 @@ def random_state_dict(module: torch.nn.Module, seed: int,
 def write_fullsize_checkpoint(path: Path, seeds: dict[str, int],
                               dtype: torch.dtype = torch.float16) -> int:
     """An SDXL single-file checkpoint of random values in the original key layout (converted
-    by `pipeline.twins.sdxl_original.to_original_checkpoint`); `seeds` per component (equal seeds give
+    by `twins.sdxl_original.to_original_checkpoint`); `seeds` per component (equal seeds give
     byte-identical components). Peak RAM: one checkpoint (~7 GB). Returns the file size."""
     from safetensors.torch import save_file
 
-    from pipeline.twins.sdxl_original import to_original_checkpoint
+    from twins.sdxl_original import to_original_checkpoint
 
     models = meta_sdxl(dtype)
     for component, model in models.items():
@@ -215,12 +215,12 @@ def write_fullsize_checkpoint(path: Path, seeds: dict[str, int],
 
 def write_fullsize_identity(layout: Any) -> None:
     """The identity models at full size, written by the tiny-twin writer of
-    `pipeline.twins.identity` with its size constants set to the real ones for the call (CLIP
+    `twins.identity` with its size constants set to the real ones for the call (CLIP
     ViT-H encoder, 1280-wide Resamplers, rank-128 LoRA; the rest follows the full-size UNet
     config in `layout.sdxl_config`)."""
     from transformers import CLIPVisionConfig
 
-    from pipeline.twins import identity as twin
+    from twins import identity as twin
 
     real = {"ENCODER": CLIPVisionConfig(**CLIP_VIT_H), "RESAMPLER_WIDTH": 1280,
             "LORA_RANK": FACEID_LORA_RANK}
@@ -241,8 +241,8 @@ def write_fullsize_weights(root: Path) -> Any:
     from pipeline.convert import convert_weights
     from pipeline.layout import Layout
     from pipeline.segment import SAM_VIT_B, build_sam
-    from pipeline.twins.faces import write_face_twins
-    from pipeline.twins.picker import write_picker_twins
+    from twins.faces import write_face_twins
+    from twins.picker import write_picker_twins
 
     layout = Layout(Path(root))
     write_sdxl_config_folder(layout.sdxl_config)

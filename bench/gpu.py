@@ -63,7 +63,7 @@ def prepare_weights(root: Path | None, smoke: bool) -> Path:
     root = root or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     started = time.perf_counter()
     if smoke:
-        from pipeline.twins import write_tiny_weights
+        from twins import write_tiny_weights
 
         write_tiny_weights(root)  # converted too, as an image build does
     else:

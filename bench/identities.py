@@ -37,7 +37,7 @@ def measure(service: Any, repeats: int) -> dict[str, Any]:
     from pipeline.identities import MultiIdentityStage
     from pipeline.schema import validate_request
     from pipeline.service import Timings
-    from pipeline.twins.faces import MARKER_RGB
+    from twins.faces import MARKER_RGB
 
     references = [data_uri(draw_marker_photo((256, 256), box, seed=10 + i))
                   for i, box in enumerate(REFERENCE_BOXES)]

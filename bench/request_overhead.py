@@ -157,7 +157,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "overhead.json"))
     args = parser.parse_args()
-    from pipeline.twins import write_tiny_weights
+    from twins import write_tiny_weights
 
     weights = Path(tempfile.mkdtemp(prefix="bench-weights-"))
     write_tiny_weights(weights)

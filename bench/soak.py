@@ -194,7 +194,7 @@ def soak(count: int, warmup: int, seed: int, max_growth: float, command: str,
         for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "YOLO_OFFLINE"):
             os.environ.setdefault(name, "1")
         os.environ.setdefault("YOLO_CONFIG_DIR", str(Path(temp) / "yolo"))
-        from pipeline.twins import write_tiny_weights
+        from twins import write_tiny_weights
 
         weights, workdir = Path(temp) / "weights", Path(temp) / "work"
         weights.mkdir()

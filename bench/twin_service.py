@@ -37,7 +37,7 @@ def twin_service(weights: Path | None, prefix: str) -> Iterator[Any]:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
         if weights is None:
-            from pipeline.twins import write_tiny_weights
+            from twins import write_tiny_weights
 
             weights = write_tiny_weights(Path(scratch) / "weights").root
         from pipeline.service import CharacterService

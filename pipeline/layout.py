@@ -122,4 +122,4 @@ class Layout:
             raise WeightsMissing(
                 f"{len(missing)} model file(s) missing under {self.root}: {', '.join(missing)}. "
                 "Run `python -m pipeline.weights fetch` (real weights) or "
-                "`python -m pipeline.weights tiny` (tiny twins) into WEIGHTS_DIR.")
+                "`python -m twins write` (tiny twins) into WEIGHTS_DIR.")

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.twins import write_tiny_weights
+from twins import write_tiny_weights
 from scripts.local_servers import CogServer
 
 PROMPT = "a confident woman in a business suit, professional lighting"

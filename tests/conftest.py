@@ -1,6 +1,6 @@
 """Shared fixtures: an offline environment, the tiny-twin weights, and real server processes.
 
-Every model a test loads comes from tiny twins written by `pipeline.twins` into a temporary
+Every model a test loads comes from tiny twins written by `twins` into a temporary
 folder in the production layout; servers run as real processes on loopback.
 """
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A complete tiny-twin weights tree, written once per test session."""
-    from pipeline.twins import write_tiny_weights
+    from twins import write_tiny_weights
 
     root = tmp_path_factory.mktemp("weights")
     write_tiny_weights(root)

@@ -1,16 +1,19 @@
 """Test images for the face stages: scenes holding "faces" the face-detector twins find.
 
-The marker rule is in `pipeline.twins.faces`: a filled pure red rectangle is a face whose
+The marker rule is in `twins.faces`: a filled pure red rectangle is a face whose
 detection box is the rectangle. Backgrounds are uniform noise with the red channel capped, so
 only the markers can fire.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.twins.faces import MARKER_RGB
+from twins.faces import MARKER_RGB
 
 Box = tuple[int, int, int, int]
 
@@ -37,3 +40,10 @@ def marker_scene(size: tuple[int, int], boxes: list[Box], seed: int = 0) -> Imag
     for box in boxes:
         draw_face_marker(image, box)
     return image
+
+
+def data_uri(image: Image.Image) -> str:
+    """`image` as a PNG `data:` URI, the form a request's `image_url` takes inline."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

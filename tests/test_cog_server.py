@@ -28,7 +28,7 @@ def test_text_prediction_has_the_requested_size(cog_server):
 
 def test_same_seed_gives_identical_bytes_and_another_seed_does_not(cog_server):
     # Seeds 0 and 3 are among those whose twin scene is noise, not the full-frame face marker
-    # (pipeline/twins/sdxl.py), so two seeds really give two different images.
+    # (twins/sdxl.py), so two seeds really give two different images.
     request = {"prompt": "a knight", "width": 512, "height": 512, "seed": 0, **FAST}
     first = _image_bytes(cog_server.predict(request).json())
     second = _image_bytes(cog_server.predict(request).json())
@@ -128,7 +128,7 @@ def test_face_description_never_crashes_across_seeds(cog_server):
 
 def test_face_swap_applied_all_the_way_and_flagged_when_the_scene_has_no_face(cog_server):
     """The SDXL twin paints a full-frame face marker for about half the seeds
-    (pipeline/twins/sdxl.py), so some requests swap all the way and some find no face."""
+    (twins/sdxl.py), so some requests swap all the way and some find no face."""
     reference = _reference_uri([(60, 50, 180, 200)])
     outcomes: dict[bool, dict] = {}
     for seed in range(16):

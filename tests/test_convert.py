@@ -42,7 +42,7 @@ def _copy_sdxl(source: Layout, root: Path) -> Layout:
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory) -> Layout:
     """The SDXL twins, written once for this module."""
-    from pipeline.twins.sdxl import write_sdxl_twins
+    from twins.sdxl import write_sdxl_twins
 
     layout = Layout(tmp_path_factory.mktemp("sdxl-twins"))
     write_sdxl_twins(layout)
@@ -108,7 +108,7 @@ def test_refine_components_build_the_inpaint_pipeline_of_the_single_file(convert
         load_refine_pipeline,
         refine_crop,
     )
-    from pipeline.twins.identity import write_identity_twins
+    from twins.identity import write_identity_twins
 
     write_identity_twins(converted)
     components = convert.load_converted_components(converted, "juggernaut", RUNTIME)
@@ -140,7 +140,7 @@ def test_refine_components_build_the_inpaint_pipeline_of_the_single_file(convert
 
 
 def test_components_identical_in_both_checkpoints_are_stored_and_loaded_once(twins, tmp_path):
-    from pipeline.twins.sdxl import tiny_components, to_original_checkpoint
+    from twins.sdxl import tiny_components, to_original_checkpoint
 
     layout = _copy_sdxl(twins, tmp_path)
     # Juggernaut = CyberRealistic's VAE and text encoders with its own UNet.
@@ -167,7 +167,7 @@ def test_components_identical_in_both_checkpoints_are_stored_and_loaded_once(twi
 
 
 def test_missing_or_stale_conversion_falls_back_to_the_single_file(twins, tmp_path, caplog):
-    from pipeline.twins.sdxl import tiny_components, to_original_checkpoint
+    from twins.sdxl import tiny_components, to_original_checkpoint
 
     layout = _copy_sdxl(twins, tmp_path)
     expected = _pixels(text_to_image(

@@ -3,7 +3,7 @@ alignment and identity score.
 
 The twins are written to a temporary folder in the production layout and loaded by the
 production loader; the detector twins fire on the red rectangles drawn by
-`tests/face_images.py` (the rule is in `pipeline.twins.faces`), so the boxes found can be
+`tests/face_images.py` (the rule is in `twins.faces`), so the boxes found can be
 checked against the boxes drawn. Real photos run through the same code at their real sizes.
 """
 
@@ -24,7 +24,7 @@ from pipeline import faces as F
 from pipeline import segment as S
 from pipeline.errors import InvalidInput, ProviderUnavailable, WeightsMissing
 from pipeline.layout import Layout
-from pipeline.twins.faces import TWIN_SAM, write_face_twins
+from twins.faces import TWIN_SAM, write_face_twins
 from tests.face_images import draw_face_marker, marker_scene, noise_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +183,7 @@ def test_reference_keypoints_and_embeddings(models):
 
 
 def test_recognizer_twins_are_deterministic(tmp_path, written):
-    from pipeline.twins.faces import ANTELOPE_FILES, SEED, write_insightface_twins
+    from twins.faces import ANTELOPE_FILES, SEED, write_insightface_twins
 
     write_insightface_twins(tmp_path, ANTELOPE_FILES, SEED)
     assert (tmp_path / "glintr100.onnx").read_bytes() == (

@@ -1,7 +1,7 @@
 """Face-swap mode on the tiny twins: face choice, reports, errors, the swap onto a scene, and
 no state leaking between requests. Detector twins fire on red markers (tests/face_images.py).
 
-Whether a generated scene holds a face is the SDXL twin's marker rule (pipeline/twins/sdxl.py,
+Whether a generated scene holds a face is the SDXL twin's marker rule (twins/sdxl.py,
 `decoder_paints_marker`): its decoder paints a full-frame marker when the mean of latent channel
 0 passes `MARKER_THRESHOLD`, for about half the seeds. Which seeds depends on the whole request
 (prompt, size, steps, reference face), so tests that need a scene with or without a face do not
@@ -12,8 +12,6 @@ whose scene has none; the tests then assert the outcome, never skip.
 
 from __future__ import annotations
 
-import base64
-import io
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ from pipeline.faceswap import paste_back, paste_mask
 from pipeline.generate import GenerationParams
 from pipeline.schema import validate_request
 from pipeline.service import Timings
-from tests.face_images import marker_scene, noise_image
+from tests.face_images import data_uri, marker_scene, noise_image
 
 FAST = {"width": 512, "height": 512, "steps": 2, "seed": 11}
 # Three faces: the middle one is the largest by area (w*h), the left one is the tallest.
@@ -34,11 +32,6 @@ GROUP = [(20, 40, 60, 200), (100, 60, 220, 180), (260, 90, 300, 130)]
 SINGLE = [(60, 60, 180, 200)]
 SEEDS_TRIED = 32
 
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")

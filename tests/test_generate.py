@@ -24,7 +24,7 @@ PARAMS = GenerationParams("a knight", "blurry", 64, 64, 2, 2.0, 7)
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from pipeline.twins.sdxl import write_sdxl_twins
+    from twins.sdxl import write_sdxl_twins
 
     layout = Layout(tmp_path_factory.mktemp("generate-weights"))
     write_sdxl_twins(layout)

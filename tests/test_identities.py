@@ -2,7 +2,7 @@
 with its own reference, disjoint pastes and the per-identity report, on the tiny twins.
 
 Multi-face scenes: with several identities the SDXL twin paints one red column per identity
-region (`pipeline.twins.markers`: the masked Plus Face tokens carry the layout down to the
+region (`twins.markers`: the masked Plus Face tokens carry the layout down to the
 decoder), unless its full-frame marker fires (about half the seeds: one face). Generated scenes
 are checked here and through both servers; the swap of several identities onto faces of chosen
 sizes runs on drawn marker scenes (`tests/face_images.marker_scene`) through
@@ -11,8 +11,6 @@ sizes runs on drawn marker scenes (`tests/face_images.marker_scene`) through
 
 from __future__ import annotations
 
-import base64
-import io
 
 import numpy as np
 import pytest
@@ -31,8 +29,8 @@ from pipeline.identities import (
 from pipeline.identity import identity_regions, ip_adapter_masks
 from pipeline.schema import Identity, validate_request
 from pipeline.service import Timings
-from pipeline.twins.markers import decoder_paints_marker, decoder_paints_regions
-from tests.face_images import marker_scene
+from twins.markers import decoder_paints_marker, decoder_paints_regions
+from tests.face_images import data_uri, marker_scene
 
 SIZE = 512
 FAST = {"width": SIZE, "height": SIZE, "steps": 2}
@@ -41,11 +39,6 @@ FACE_A, FACE_B = [(60, 60, 180, 200)], [(40, 50, 200, 210)]
 # A two-face scene: face 0 (left) is the larger one.
 SCENE_BOXES = [(40, 100, 200, 300), (300, 120, 420, 260)]
 
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 REF_A = data_uri(marker_scene((256, 256), FACE_A, seed=1))
@@ -212,7 +205,7 @@ def _decoded_scene(service, params, references):
 @pytest.mark.parametrize(("count", "width"), [(2, SIZE), (3, 640), (4, SIZE)])
 def test_identities_generated_scene_holds_one_face_per_region(service, count, width):
     """How the twins yield a multi-face scene: the SDXL twin paints one red column per
-    identity region (`pipeline.twins.markers`) unless its full-frame marker fires; the
+    identity region (`twins.markers`) unless its full-frame marker fires; the
     detectors find exactly those columns, left to right, each inside its own region."""
     references = [one.reference for one in _loaded(service, _request(identities=[
         {"image_url": uri} for uri in [REF_A, REF_B, REF_A, REF_B][:count]]))]

@@ -43,8 +43,8 @@ KEYPOINTS = np.array([[28.0, 30.0], [52.0, 30.0], [40.0, 42.0], [31.0, 54.0], [4
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> Layout:
-    from pipeline.twins.identity import write_identity_twins
-    from pipeline.twins.sdxl import write_sdxl_twins
+    from twins.identity import write_identity_twins
+    from twins.sdxl import write_sdxl_twins
 
     layout = Layout(tmp_path_factory.mktemp("identity-weights"))
     write_sdxl_twins(layout)

@@ -1,7 +1,7 @@
 """The module graph of the project: no import cycles, and every pipeline error in one module.
 
 Read with `ast`, nothing is imported: every `import x.y` / `from x.y import z` (and relative
-import) of every non-test module (pipeline/**, bench/**, scripts/**, top-level *.py) that
+import) of every non-test module (pipeline/**, twins/**, bench/**, scripts/**, top-level *.py) that
 resolves to a module of the repo is an edge, wherever it sits: at top level, inside a function
 (a lazy import), or under `if TYPE_CHECKING:`. A cycle is reported as the path that closes it.
 """
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipeline", "bench", "scripts")
+PACKAGES = ("pipeline", "bench", "scripts", "twins")
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -155,7 +155,7 @@ def test_no_import_cycle_among_non_test_modules():
 def test_the_graph_sees_top_level_lazy_and_type_checking_imports():
     graph = import_graph()
     assert "pipeline.weights.lock" in graph["pipeline.weights.fetch"]  # top level
-    assert "pipeline.twins" in graph["pipeline.weights.__main__"]  # inside main(): lazy
+    assert "pipeline.weights.lock" in graph["twins.__main__"]
     assert graph["benchmark_jobs"] == set()  # the benchmark's leaf
     assert "pipeline.schema" in graph["benchmark"]
     assert not any("tests" in name.split(".") for name in graph)
@@ -240,3 +240,57 @@ def test_errors_and_the_weights_modules_import_without_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# ------------------------------------------------------------- what ships imports no twin
+
+PRODUCT_ROOTS = ("predict", "runpod_adapter")
+
+
+def is_product(name: str) -> bool:
+    """A module the images run: the adapters and the pipeline package."""
+    return name in PRODUCT_ROOTS or name.split(".")[0] == "pipeline"
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def longest_import_chain(graph: dict[str, set[str]], start: str) -> list[str]:
+    """The longest chain of imports among product modules from `start` (the graph has no
+    cycle: `test_no_import_cycle_among_non_test_modules`)."""
+    best: dict[str, list[str]] = {}
+
+    def walk(name: str) -> list[str]:
+        if name not in best:
+            below = [walk(n) for n in sorted(graph[name]) if is_product(n)]
+            best[name] = [name, *max(below, key=len, default=[])]
+        return best[name]
+
+    return walk(start)
+
+
+def test_no_product_module_imports_a_twin():
+    graph = import_graph()
+    product = [name for name in graph if is_product(name)]
+    assert "pipeline.twins" not in graph and not (ROOT / "pipeline" / "twins").exists()
+    leaks = {name: sorted(n for n in graph[name] if n.split(".")[0] == "twins")
+             for name in product}
+    assert not {name: found for name, found in leaks.items() if found}
+    for root in PRODUCT_ROOTS:
+        assert not {n for n in reachable(graph, root) if n.split(".")[0] == "twins"}
+
+
+def test_longest_product_import_chain_from_predict():
+    """Issue 20's measure of layering: 11 modules at 01cd1c8 (predict -> service ->
+    identities -> faceswap -> presets -> identity -> instantid -> convert -> generate ->
+    prompts -> errors); one face-swap path must keep it below that."""
+    chain = longest_import_chain(import_graph(), "predict")
+    print("longest chain:", len(chain), " -> ".join(chain))
+    assert len(chain) < 11, " -> ".join(chain)

@@ -124,7 +124,7 @@ def test_check_present_names_every_missing_file_in_one_error(tmp_path):
     assert str(present) not in message
     # the ways to fill the folder, and the variable that points to it
     assert "python -m pipeline.weights fetch" in message
-    assert "python -m pipeline.weights tiny" in message and "WEIGHTS_DIR" in message
+    assert "python -m twins write" in message and "WEIGHTS_DIR" in message
 
 
 def test_check_present_lists_missing_files_in_the_order_given(tmp_path):
@@ -160,7 +160,7 @@ def test_a_dangling_link_is_missing(tmp_path):
 @pytest.fixture(scope="module")
 def sdxl_only(tmp_path_factory) -> Layout:
     """A weights tree holding the SDXL twins and nothing else (no conversion)."""
-    from pipeline.twins.sdxl import write_sdxl_twins
+    from twins.sdxl import write_sdxl_twins
 
     layout = Layout(tmp_path_factory.mktemp("sdxl-only"))
     write_sdxl_twins(layout)

@@ -13,7 +13,7 @@ import pytest
 from pipeline.errors import InvalidInput
 from pipeline.schema import MAX_OUTPUTS, MAX_SEED, validate_request
 from tests.face_images import marker_scene
-from tests.test_faceswap import data_uri
+from tests.face_images import data_uri
 
 FAST = {"width": 512, "height": 512, "steps": 2}
 SEED_PAIRS_TRIED = 8

@@ -30,7 +30,7 @@ from pipeline.picker import (
     largest_face,
     parse_answer,
 )
-from pipeline.twins.picker import write_picker_twins
+from twins.picker import write_picker_twins
 
 # Face boxes (x1, y1, x2, y2) of insightface's six-person sample photo "t1" (1280x886), given
 # in a shuffled order, as a detector would report them.
@@ -40,7 +40,7 @@ T1_LARGEST = 2  # 140 x 155
 
 # What llama.cpp's own convert_hf_to_gguf.py (llama-cpp-python 0.3.36 sdist) wrote for a tiny
 # Qwen2_5_VLForConditionalGeneration of the twin's sizes: metadata keys, and the sha256 of the
-# "name type shape" lines of its tensors (see pipeline/twins/picker.py).
+# "name type shape" lines of its tensors (see twins/picker.py).
 CONVERTER_MODEL_KEYS = [
     "general.architecture", "general.type", "qwen2vl.block_count", "qwen2vl.context_length",
     "qwen2vl.embedding_length", "qwen2vl.feed_forward_length", "qwen2vl.attention.head_count",

@@ -25,7 +25,7 @@ from pipeline.weights.lock import load_lock
 from scripts.local_servers import RunPodServer
 from tests import test_benchmark
 from tests.face_images import marker_scene
-from tests.test_faceswap import data_uri
+from tests.face_images import data_uri
 
 SMALL = {"width": 512, "height": 512}
 

@@ -37,8 +37,8 @@ def assert_recipe_sampler(scheduler) -> None:
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> Layout:
     from pipeline.convert import convert_weights
-    from pipeline.twins.identity import write_identity_twins
-    from pipeline.twins.sdxl import write_sdxl_twins
+    from twins.identity import write_identity_twins
+    from twins.sdxl import write_sdxl_twins
 
     layout = Layout(tmp_path_factory.mktemp("recipe-weights"))
     write_sdxl_twins(layout)

@@ -19,7 +19,7 @@ from pipeline.residency import SWAP_ENV, UnetSwap, swap_wanted
 from pipeline.schema import validate_request
 from pipeline.settings import Settings
 from tests.face_images import marker_scene
-from tests.test_faceswap import data_uri
+from tests.face_images import data_uri
 
 CPU = Runtime(torch.device("cpu"), torch.float32)
 

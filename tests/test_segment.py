@@ -1,7 +1,7 @@
 """`pipeline.segment` on the SAM tiny twin: its configuration, the production loader, the image
 encoder (`sam_embed`) and masks prompted with a box.
 
-The twin (`pipeline.twins.faces.write_sam_twin`, configuration `TWIN_SAM`) is a state dict of
+The twin (`twins.faces.write_sam_twin`, configuration `TWIN_SAM`) is a state dict of
 segment-anything's own classes, written where the real `sam_vit_b_01ec64.pth` goes and read by
 `load_sam`, which recovers its configuration from the tensor shapes. Mask cutting and the
 fallback ellipse (`pipeline.faces.face_mask`) are tested in tests/test_faces.py.
@@ -19,7 +19,7 @@ import torch
 from pipeline import segment as S
 from pipeline.errors import WeightsMissing
 from pipeline.layout import Layout
-from pipeline.twins.faces import TWIN_SAM, write_sam_twin
+from twins.faces import TWIN_SAM, write_sam_twin
 
 CPU = torch.device("cpu")
 GRID = TWIN_SAM.image_size // TWIN_SAM.patch_size  # 16: the embedding's spatial size

@@ -13,7 +13,7 @@ from pipeline.schema import validate_request
 from pipeline.service import BUNDLED_WARM_UP_FACE, CharacterService
 from pipeline.settings import Settings
 from tests.face_images import marker_scene
-from tests.test_faceswap import data_uri
+from tests.face_images import data_uri
 
 FAST = {"width": 512, "height": 512, "steps": 2}
 

@@ -27,8 +27,8 @@ EAGER = {"backend": "eager"}  # the compile wiring without a C++ toolchain run
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory) -> Layout:
-    from pipeline.twins.identity import write_identity_twins
-    from pipeline.twins.sdxl import write_sdxl_twins
+    from twins.identity import write_identity_twins
+    from twins.sdxl import write_sdxl_twins
 
     layout = Layout(tmp_path_factory.mktemp("speed-twins"))
     write_sdxl_twins(layout)

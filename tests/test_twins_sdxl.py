@@ -27,15 +27,15 @@ from pipeline.faces import detect_target_faces, load_face_models
 from pipeline.generate import GenerationParams, text_to_image
 from pipeline.generate import load_text_pipeline as production_text_pipeline
 from pipeline.layout import Layout
-from pipeline.twins.faces import write_face_twins
-from pipeline.twins.markers import (
+from twins.faces import write_face_twins
+from twins.markers import (
     MARKER_THRESHOLD,
     REGION_LATENT,
     REGION_THRESHOLD,
     decoder_paints_marker,
     decoder_paints_regions,
 )
-from pipeline.twins.sdxl import (
+from twins.sdxl import (
     BOS,
     EOS,
     MARKER_CHECKPOINT,
@@ -262,9 +262,9 @@ def test_lora_twins_leave_the_region_channel_alone(layout):
     zero (`region_clean_rows`), so a LoRA cannot paint columns in a text request."""
     from diffusers import UNet2DConditionModel
 
-    from pipeline.twins.fast_lora import fast_lora_tensors
-    from pipeline.twins.identity import write_identity_twins
-    from pipeline.twins.markers import region_clean_rows
+    from twins.fast_lora import fast_lora_tensors
+    from twins.identity import write_identity_twins
+    from twins.markers import region_clean_rows
 
     unet = UNet2DConditionModel.from_config(
         UNet2DConditionModel.load_config(layout.sdxl_config / "unet"))

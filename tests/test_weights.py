@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.errors import LockFormatError, WeightsMissing
 from pipeline.layout import PROJECT_ROOT, Layout
-from pipeline.twins.lock import lock_from_tree
+from twins.lock import lock_from_tree
 from pipeline.weights import fetch as weights_fetch
 from pipeline.weights.__main__ import main
 from pipeline.weights.lock import (

@@ -1,4 +1,4 @@
-"""`python -m pipeline.weights tiny DIR` then `verify DIR --lock DIR/weights.tiny.lock`, as a user
+"""`python -m twins write DIR` then `verify DIR --lock DIR/weights.tiny.lock`, as a user
 runs them; a corrupted twin is reported by name."""
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _weights(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.weights", *args], cwd=ROOT,
+def _run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+def _weights(*args: str) -> subprocess.CompletedProcess:
+    return _run("pipeline.weights", *args)
+
+
 def test_tiny_then_verify_and_a_corrupted_file_is_named(tmp_path):
-    written = _weights("tiny", str(tmp_path))
+    written = _run("twins", "write", str(tmp_path))
     assert written.returncode == 0, written.stderr[-2000:]
     lock = tmp_path / "weights.tiny.lock"
     assert lock.is_file()

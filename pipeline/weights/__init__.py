@@ -5,8 +5,8 @@ Split by dependency direction, each module importing only those before it:
 - `pipeline.weights.lock`: the lock format (parse, load, save) and the checks (size, sha256,
   `verify`); standard library only.
 - `pipeline.weights.fetch`: parallel, resumable, verified downloads; adds `requests`.
-- `pipeline.weights.__main__`: the CLI, `python -m pipeline.weights fetch|verify|lock|tiny`;
-  imports `pipeline.twins` (torch) lazily, for `tiny` only.
+- `pipeline.weights.__main__`: the CLI, `python -m pipeline.weights fetch|verify|lock` (the
+  tiny twins, a development tool, have their own: `python -m twins write DIR`).
 
 This package re-exports the lock's names (``from pipeline.weights import load_lock``) and
 imports nothing else, so importing it stays cheap (no torch, no `requests`).

@@ -1,13 +1,12 @@
-"""`python -m pipeline.weights`: fetch, verify, lock and tiny, around `weights.lock`.
+"""`python -m pipeline.weights`: fetch, verify and lock, around `weights.lock`.
 
     python -m pipeline.weights fetch DIR [--lock weights.lock]   # download, verify, atomic
     python -m pipeline.weights verify DIR [--lock PATH]          # size first, then sha256
     python -m pipeline.weights lock [--lock PATH]                # fill null sizes/digests
-    python -m pipeline.weights tiny DIR                          # tiny twins + weights.tiny.lock
 
 The lock format is `pipeline.weights.lock` (docs/weights.md). fetch, verify and lock need only
-the standard library and `requests` (the Docker weights stage runs them before torch matters);
-tiny imports `pipeline.twins` lazily (torch, diffusers, ...).
+the standard library and `requests` (the Docker weights stage runs them before torch matters).
+The tiny twins are a development tool outside this package: `python -m twins write DIR`.
 """
 
 from __future__ import annotations
@@ -28,10 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch = sub.add_parser("fetch", help="download every locked file into DIR and verify it")
     p_verify = sub.add_parser("verify", help="check DIR against the lock (size, then sha256)")
     p_lock = sub.add_parser("lock", help="fill null sizes/digests by downloading (needs network)")
-    p_tiny = sub.add_parser("tiny", help="write the tiny twins into DIR and DIR/weights.tiny.lock")
-    for p in (p_fetch, p_verify, p_tiny):
+    for p in (p_fetch, p_verify):
         p.add_argument("directory", type=Path, metavar="DIR")
-    for p in (p_fetch, p_verify, p_lock, p_tiny):
+    for p in (p_fetch, p_verify, p_lock):
         p.add_argument("--lock", type=Path, default=DEFAULT_LOCK, help="default: %(default)s")
     for p in (p_fetch, p_verify):
         p.add_argument("--allow-unpinned", action="store_true",
@@ -41,14 +39,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "tiny":
-            from pipeline.twins import write_tiny_weights  # lazy: needs torch, diffusers, ...
-            from pipeline.twins.lock import write_tiny_lock
-
-            write_tiny_weights(args.directory)
-            out = write_tiny_lock(args.directory, load_lock(args.lock))
-            print(f"tiny twins written under {args.directory}; lock: {out}")
-            return 0
         from pipeline.weights import fetch  # lazy: `requests`, not needed by verify
 
         lock = load_lock(args.lock)

@@ -25,7 +25,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from pipeline.layout import Layout
-from pipeline.twins.markers import region_clean_rows
+from twins.markers import region_clean_rows
 
 log = logging.getLogger(__name__)
 

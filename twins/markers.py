@@ -1,7 +1,7 @@
 """The hand-set weights that make the primary SDXL twin paint face markers.
 
 Every other weight of the twins is random; these few give generated scenes a face the detector
-twins find (`pipeline.twins.faces`: a face is a pure red rectangle), so face swap runs end to
+twins find (`twins.faces`: a face is a pure red rectangle), so face swap runs end to
 end on generated scenes. Two rules, both exact:
 
 - **Full-frame marker** (`decoder_paints_marker`, VAE decoder only): the decoded image is pure

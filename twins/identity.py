@@ -14,14 +14,14 @@ width and attention-processor order) and for the tiny CLIP image encoder written
 - IP-Adapter Plus Face SDXL `.safetensors`: flat `image_proj.*` (Resampler) and `ip_adapter.*`.
 - InstantID: `ControlNetModel/` (`ControlNetModel.from_unet` of the tiny UNet, saved with
   safetensors) and `ip-adapter.bin` (Resampler over the 512-d ArcFace embedding, 16 tokens).
-- The fast preset's Hyper-SD LoRA (`pipeline.twins.fast_lora`), which the identity stage's
+- The fast preset's Hyper-SD LoRA (`twins.fast_lora`), which the identity stage's
   loader (`pipeline.assemble.load_identity_models`) loads into both pipes.
 
 Scaled so effects show with random weights: every matrix is drawn with std 1/sqrt(fan_in) (the
 trained LoRA "up" matrices and ControlNet zero-convolutions start at 0; here they are random
 too), so changing the face embedding or crop visibly changes a 2-step 64x64 image. The
 ControlNet's zero convolutions are overwritten the same way. Adapter files are fp16 like the
-published ones. A few rows are hand-set for the region markers of `pipeline.twins.markers` (one
+published ones. A few rows are hand-set for the region markers of `twins.markers` (one
 constant Plus Face token channel, the `to_v_ip` rows of the carrying attention, LoRA "up" rows
 zero where they would write the layout channel). Deterministic: fixed seeds, no network.
 """
@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from pipeline.layout import Layout
-from pipeline.twins.fast_lora import write_fast_lora_twin
-from pipeline.twins.markers import PLUS_FACE_CONSTANT, region_clean_rows, region_value_rows
+from twins.fast_lora import write_fast_lora_twin
+from twins.markers import PLUS_FACE_CONSTANT, region_clean_rows, region_value_rows
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _attention_layers(rand: _Random, unet: UNet2DConditionModel, lora: bool, ada
                       ) -> dict[str, torch.Tensor]:
     """`to_k_ip`/`to_v_ip` per cross-attention (and the LoRA over every attention), keyed by
     the processor's index in `unet.attn_processors` order. The region-marker rows
-    (`pipeline.twins.markers`) are set after drawing, so every other value is as drawn."""
+    (`twins.markers`) are set after drawing, so every other value is as drawn."""
     tensors: dict[str, torch.Tensor] = {}
     for index, name in enumerate(unet.attn_processors):
         module = name.removesuffix(".processor")

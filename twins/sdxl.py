@@ -20,7 +20,7 @@ Written in the production layout and read by the production loaders unchanged
 
 Every parameter is random (the library's init plus noise, so no two norms are alike and a
 swapped key cannot round-trip unnoticed), except a few hand-set UNet and VAE decoder weights of
-the primary checkpoint (`MARKER_CHECKPOINT`, `pipeline.twins.markers`): its decoded image is the
+the primary checkpoint (`MARKER_CHECKPOINT`, `twins.markers`): its decoded image is the
 face twins' marker, pure red over the whole frame, when the latent's channel-0 mean is above a
 threshold (about half the seeds), one red column per identity region when several identities
 are masked to their regions, and noise otherwise. Deterministic; no network.
@@ -39,8 +39,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from pipeline.layout import Layout
-from pipeline.twins.markers import wire_marker_decoder, wire_region_unet
-from pipeline.twins.sdxl_original import to_original_checkpoint
+from twins.markers import wire_marker_decoder, wire_region_unet
+from twins.sdxl_original import to_original_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def tiny_components(config_dir: Path, seed: int, *, marker_decoder: bool = False
                     ) -> dict[str, nn.Module]:
     """unet, vae, text_encoder, text_encoder_2 built from `config_dir`, every parameter random
     under `seed` (float32); with `marker_decoder`, the UNet and VAE decoder then get the
-    hand-set weights of `pipeline.twins.markers`."""
+    hand-set weights of `twins.markers`."""
     torch.manual_seed(seed)
     components: dict[str, nn.Module] = {
         "unet": UNet2DConditionModel.from_config(

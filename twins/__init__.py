@@ -1,6 +1,6 @@
 """Tiny twins: every production model, with random weights, in the production on-disk layout.
 
-`write_tiny_weights(root)` (CLI: `python -m pipeline.weights tiny DIR`) writes a complete weights
+`write_tiny_weights(root)` (CLI: `python -m twins write DIR`) writes a complete weights
 tree that the production loaders read unchanged, in seconds and without network: the two SDXL
 single-file checkpoints and their config folder, the face models (InsightFace ONNX, YOLO, SAM),
 the identity models (CLIP ViT-H encoder, IP-Adapters, InstantID, the fast preset's LoRA) and
@@ -19,10 +19,10 @@ def write_tiny_weights(root: Path, convert: bool = True) -> Layout:
     """Write every twin under `root`; returns the layout. The SDXL twins come first: the identity
     twins are sized on the SDXL twin's UNet config. `convert` then runs the build-time
     conversion (`pipeline.convert`), as the images do, so start-up takes the production path."""
-    from pipeline.twins.faces import write_face_twins
-    from pipeline.twins.identity import write_identity_twins
-    from pipeline.twins.picker import write_picker_twins
-    from pipeline.twins.sdxl import write_sdxl_twins
+    from twins.faces import write_face_twins
+    from twins.identity import write_identity_twins
+    from twins.picker import write_picker_twins
+    from twins.sdxl import write_sdxl_twins
 
     layout = Layout(Path(root))
     write_sdxl_twins(layout)
