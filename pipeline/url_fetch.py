@@ -328,6 +328,7 @@ def fetch(url: str, *, field: str = "image_url", max_bytes: int = MAX_IMAGE_BYTE
         watchdog = threading.Timer(max(deadline.remaining(), 0.0), conn.abort)
         watchdog.daemon = True
         watchdog.start()
+        response: http.client.HTTPResponse | None = None
         try:
             conn.request("GET", target.path, headers={
                 "User-Agent": USER_AGENT, "Accept": "image/*", "Connection": "close"})
@@ -355,6 +356,8 @@ def fetch(url: str, *, field: str = "image_url", max_bytes: int = MAX_IMAGE_BYTE
             raise _network_error(exc, target, field, subject, timeout_s) from exc
         finally:
             watchdog.cancel()
+            if response is not None:  # it owns the socket (`Connection: close`): close it now,
+                response.close()  # not when the error and its traceback are freed
             conn.close()
     raise ImageInputError(field, f"redirected more than {MAX_REDIRECTS} times "
                                  f"(last to {display_url(current)})")

@@ -40,6 +40,20 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def identity_twins(tmp_path_factory):
+    """The SDXL and identity twins only (no face models, picker or conversion), written once
+    per session for the tests that load pipes from them directly; read-only for every user."""
+    from pipeline.layout import Layout
+    from twins.identity import write_identity_twins
+    from twins.sdxl import write_sdxl_twins
+
+    layout = Layout(tmp_path_factory.mktemp("identity-twins"))
+    write_sdxl_twins(layout)  # first: the identity twins are sized on its UNet config
+    write_identity_twins(layout)
+    return layout
+
+
+@pytest.fixture(scope="session")
 def cog_server(tiny_weights, tmp_path_factory):
     """The real Cog HTTP server (coglet) serving predict.py:Predictor on the tiny twins, with
     the OpenAPI schema file present so it validates inputs like a built image."""

@@ -12,7 +12,6 @@ import io
 import json
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from PIL import Image
 
 import benchmark
+import benchmark_clients
 import benchmark_report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,8 +144,37 @@ def server():
     httpd.server_close()
 
 
+class JobClock:
+    """benchmark_clients' clock, one per job: it starts at 0 when the job is sent and moves only
+    by the waits the client asks for (which still really pass), so how many polls fit before a
+    job's deadline depends on the back-off alone, never on how busy the machine is."""
+
+    def __init__(self, monkeypatch):
+        self.local = threading.local()
+        self.waits: dict[int, list[float]] = {}  # job index -> the waits its client asked for
+        client_class = benchmark_clients.CloudClient
+        real_run, real_wait = client_class.run, client_class._wait
+
+        def run(client, job, timeout):
+            self.local.now, self.local.waits = 0.0, self.waits.setdefault(job.index, [])
+            return real_run(client, job, timeout)
+
+        def wait(client, seconds):
+            self.local.waits.append(seconds)
+            self.local.now += max(0.0, seconds)
+            real_wait(client, seconds)
+
+        monkeypatch.setattr(client_class, "run", run)
+        monkeypatch.setattr(client_class, "_wait", wait)
+        monkeypatch.setattr(benchmark_clients, "time", self)
+
+    def monotonic(self) -> float:
+        return self.local.now
+
+
 def cloud_args(url: str, out: Path, *extra: str) -> list[str]:
-    return ["--api-base", f"{url}/v2", "--endpoint-id", ENDPOINT, "--poll-interval", "0.05",
+    # 1/16 s: every back-off step (x1.5) and every sum of them is exact in binary floating point.
+    return ["--api-base", f"{url}/v2", "--endpoint-id", ENDPOINT, "--poll-interval", "0.0625",
             "--output-dir", str(out), "--seed", "100", *extra]
 
 
@@ -157,16 +186,22 @@ def only_run(out: Path) -> Path:
 def test_cloud_run_saves_images_report_and_summary(server, tmp_path, monkeypatch, capsys):
     rec, url = server
     monkeypatch.setenv("RUNPOD_API_KEY", KEY)
-    started = time.monotonic()
+    clock = JobClock(monkeypatch)
     code = benchmark.main(cloud_args(
         url, tmp_path, "--count", "6", "--modes", "text,face", "--resolutions",
         "small-portrait", "square", "--concurrency", "3", "--timeout", "2",
         "--face-url", "https://faces.example/face.png?X-Amz-Signature=s3cret"))
-    elapsed = time.monotonic() - started
     out, err = capsys.readouterr()
     assert code == 1  # three jobs failed
     assert rec.unauthorized == 0 and set(rec.auth_headers) == {f"Bearer {KEY}"}
-    assert 2 <= elapsed < 10  # the hanging job was given up on after --timeout 2
+    # Each job waits 1/16 s before its first /status poll, x1.5 before each next one: a job that
+    # ends on its third poll waited three times; the hanging one was polled until the next wait
+    # would pass --timeout 2, waited out exactly the rest, and was not polled again.
+    back_off = [0.0625 * 1.5**k for k in range(6)]
+    assert back_off == [0.0625, 0.09375, 0.140625, 0.2109375, 0.31640625, 0.474609375]
+    assert {i: w for i, w in clock.waits.items() if i != 4} == {
+        i: back_off[:3] for i in (0, 1, 2, 3, 5)}
+    assert clock.waits[4] == [*back_off, 2 - sum(back_off)] and sum(clock.waits[4]) == 2
 
     folder = only_run(tmp_path)
     images = sorted(p.name for p in folder.glob("0*"))
@@ -209,7 +244,9 @@ def test_cloud_run_saves_images_report_and_summary(server, tmp_path, monkeypatch
     first_done = rec.events.index(("done", rows[0]["job_id"], 100))
     assert [e[0] for e in rec.events[:first_done]] == ["run"]
     assert 2 <= rec.max_in_flight <= 3
-    assert rec.jobs[rows[4]["job_id"]]["cancelled"]  # the job given up on was cancelled
+    served = [rec.jobs[r["job_id"]] for r in rows]
+    assert [job["polls"] for job in served] == [3, 3, 3, 3, 6, 3]  # one per wait but the last
+    assert [job["cancelled"] for job in served] == [False] * 4 + [True, False]  # given up on
 
     assert "small-portrait  face" in out and "square          text" in out
     assert "all             all" in out and "cold start: 000 text small-portrait" in out

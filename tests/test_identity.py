@@ -42,14 +42,8 @@ KEYPOINTS = np.array([[28.0, 30.0], [52.0, 30.0], [40.0, 42.0], [31.0, 54.0], [4
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory) -> Layout:
-    from twins.identity import write_identity_twins
-    from twins.sdxl import write_sdxl_twins
-
-    layout = Layout(tmp_path_factory.mktemp("identity-weights"))
-    write_sdxl_twins(layout)
-    write_identity_twins(layout)
-    return layout
+def layout(identity_twins) -> Layout:
+    return identity_twins  # conftest.py: SDXL + identity twins, written once per session
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,8 @@ EAGER = {"backend": "eager"}  # the compile wiring without a C++ toolchain run
 
 
 @pytest.fixture(scope="module")
-def layout(tmp_path_factory) -> Layout:
-    from twins.identity import write_identity_twins
-    from twins.sdxl import write_sdxl_twins
-
-    layout = Layout(tmp_path_factory.mktemp("speed-twins"))
-    write_sdxl_twins(layout)
-    write_identity_twins(layout)
-    return layout
+def layout(identity_twins) -> Layout:
+    return identity_twins  # conftest.py: SDXL + identity twins, written once per session
 
 
 @pytest.fixture(scope="module")

@@ -443,26 +443,73 @@ def test_silent_server_hits_the_read_timeout(server):
         fetch_url(server.url("/stall"), allow_loopback=True, timeout_s=0.3, deadline_s=5)
 
 
-def _endless(handler, sent: list[int]) -> None:
+ENDLESS_CAP = 50_000_000  # the endless server's own stop: far beyond any socket buffering
+
+
+def _endless(handler, served: dict, ended: threading.Event) -> None:
+    """Writes until the client hangs up (or ENDLESS_CAP); counts the bytes it got out."""
     handler.send_response(200)
     handler.send_header("Content-Type", "image/png")
     handler.send_header("Connection", "close")
     handler.end_headers()
     block = png() + b"\0" * 60_000
-    sent.append(0)
-    while not handler.server.stop.is_set() and sent[0] < 50_000_000:
-        handler.wfile.write(block)
-        sent[0] += len(block)
+    try:
+        while served["sent"] < ENDLESS_CAP:
+            handler.wfile.write(block)
+            served["sent"] += len(block)
+        served["ended_by"] = "cap"
+    except OSError as exc:
+        served["ended_by"] = type(exc).__name__
+    finally:
+        ended.set()
 
 
-def test_endless_body_stops_at_the_byte_limit(server):
-    sent: list[int] = []
-    server.routes["/endless"] = lambda h: _endless(h, sent)
+class _CountingSocket(socket.socket):
+    """The fetcher's TCP socket, counting every byte it receives (http.client reads through
+    `recv_into` for the status line, the headers and the body alike)."""
+
+    received = 0
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        count = super().recv_into(buffer, nbytes, flags)
+        self.received += count
+        return count
+
+
+@pytest.fixture
+def counting_sockets(monkeypatch) -> list[_CountingSocket]:
+    """Every socket the fetcher opens, as a _CountingSocket (loopback addresses only)."""
+    opened: list[_CountingSocket] = []
+
+    def open_socket(address: str, port: int, timeout: float) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = _CountingSocket(family, socket.SOCK_STREAM)
+        opened.append(sock)
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        return sock
+
+    monkeypatch.setattr(url_fetch, "_open_socket", open_socket)
+    return opened
+
+
+def test_endless_body_stops_at_the_byte_limit(server, counting_sockets):
+    served, ended = {"sent": 0, "ended_by": None}, threading.Event()
+    server.routes["/endless"] = lambda h: _endless(h, served, ended)
+    max_bytes = 256 * 1024
     with pytest.raises(ImageInputError) as excinfo:
-        fetch_url(server.url("/endless"), allow_loopback=True, max_bytes=256 * 1024)
+        fetch_url(server.url("/endless"), allow_loopback=True, max_bytes=max_bytes)
     assert refused(excinfo) == "`image_url` is larger than 256 KB"
-    time.sleep(0.1)
-    assert sent[0] < 8 * 1024 * 1024  # the server was cut off, not drained
+    [sock] = counting_sockets
+    # The body is read one chunk at a time and the first chunk past the limit ends it; before
+    # the body, one buffer fill held the status line and headers (and maybe the body's start).
+    assert max_bytes < sock.received <= max_bytes + url_fetch._CHUNK + io.DEFAULT_BUFFER_SIZE
+    # Closed on the way out, while the error (and its traceback) is still alive: the server's
+    # next write fails, so it was cut off rather than drained or left blocked.
+    assert sock.fileno() == -1
+    assert ended.wait(60), "the server is still writing"  # a hang guard, not a measurement
+    assert served["ended_by"] in ("BrokenPipeError", "ConnectionResetError")
+    assert served["sent"] < ENDLESS_CAP
 
 
 def test_declared_length_over_the_limit_is_refused_before_the_body(server):
