@@ -8,20 +8,19 @@ class through `Predictor.generate`.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 
 from cog import BaseModel, BasePredictor, Input, Path
 
+from pipeline.cog_inputs import UPLOAD_DESCRIPTION, is_omitted, payload_from_cog
 from pipeline.output import encode_image
 from pipeline.schema import (
     OUTPUT_FORMATS,
-    UPLOAD_DESCRIPTION,
     Inputs,
     OutputInputs,
     Request,
-    is_omitted,
-    payload_from_cog,
     validate_request,
 )
 from pipeline.service import CharacterService, Progress, Result
@@ -48,6 +47,12 @@ class Predictor(BasePredictor):
     def setup(self) -> None:
         # Read and validated once: a bad value stops setup naming the variable.
         self.settings = Settings.from_env()
+        # The start-up log of both servers, credentials masked (`Settings.report`). Cog leaves
+        # logging unconfigured (INFO dropped); the RunPod worker configured it already, and
+        # basicConfig then does nothing.
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger(__name__).info("settings: %s", self.settings.log_line())
         set_offline_defaults()
         self.service = CharacterService.load(settings=self.settings)
         self.warm_up_stages = self.service.warm_up()

@@ -72,11 +72,6 @@ def check_response_sizes(encoded: Sequence[bytes], limit: int) -> list[str]:
     return texts
 
 
-def check_response_size(encoded: bytes, limit: int) -> str:
-    """Base64 of one image; see `check_response_sizes`."""
-    return check_response_sizes([encoded], limit)[0]
-
-
 def estimate_response_bytes(width: int, height: int, fmt: str, count: int) -> int | None:
     """An upper bound of the base64 of `count` images, or None where there is none worth using
     (jpeg/webp). PNG: the raw RGB pixels plus one filter byte a row (what zlib at worst stores,
@@ -121,13 +116,6 @@ def save_to_volume(encoded: bytes, fmt: str, volume_path: str, seed: int,
     finally:
         os.unlink(temp_name)
     return final
-
-
-def encode_for_response(image: Image.Image, options: OutputOptions, seed: int, *,
-                        volume_root: Path, response_limit: int) -> dict:
-    """The image part of a RunPod response, as the options ask for it."""
-    return encode_all([(image, seed)], options, volume_root=volume_root,
-                      response_limit=response_limit)[0]
 
 
 def encode_all(images: Sequence[tuple[Image.Image, int]], options: OutputOptions, *,

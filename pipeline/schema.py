@@ -11,8 +11,8 @@ only `requests` installed.
 
 `validate_request(payload, upload=..., volume_root=...)` takes a RunPod-style dict (`output`
 nested) and returns a frozen `Request`, or raises one `InvalidInput` naming the field, the rule
-and the value. The adapters only translate: Cog flattens `output.*` and may add an upload
-(`payload_from_cog`, `upload=`), RunPod passes its volume root.
+and the value. The adapters only translate: Cog's flat inputs become such a dict in
+`pipeline.cog_inputs` (an upload comes as `upload=`), RunPod passes its volume root.
 """
 
 from __future__ import annotations
@@ -56,9 +56,6 @@ PRESET_CHOICES = ("quality", "fast")
 FAST_STEPS, FAST_MIN_STEPS, FAST_MAX_STEPS = 8, 4, 12
 MAX_OUTPUTS = 4  # images per request (Replicate's habit); image i uses seed + i
 MAX_IDENTITIES = 4  # references per request, each on its own face of the scene
-
-UPLOAD_DESCRIPTION = ("Face reference image, uploaded. Enables face swap; give this or "
-                      "image_url, not both.")
 
 # Benchmark resolution presets (name -> (width, height)), from SPEC's benchmark section.
 RESOLUTION_PRESETS: dict[str, tuple[int, int]] = {
@@ -175,9 +172,6 @@ class OutputInputs(metaclass=SpecNamespace):
 
 REQUEST_FIELDS: tuple[FieldSpec, ...] = tuple(Inputs)
 OUTPUT_FIELDS: tuple[FieldSpec, ...] = tuple(OutputInputs)
-# The fields Cog exposes as inputs, flat, in its order (RunPod-only output options left out).
-COG_FIELDS: tuple[FieldSpec, ...] = (*REQUEST_FIELDS,
-                                     *(spec for spec in OUTPUT_FIELDS if not spec.runpod_only))
 
 
 @dataclass(frozen=True)
@@ -322,40 +316,3 @@ def _preset_steps(payload: dict, values: dict[str, Any]) -> int:
                                               f"got {steps}")
     return steps
 
-
-def is_omitted(value: Any) -> bool:
-    """Whether a Cog input arrived as its `Input(...)` declaration (a `FieldInfo`): a Cog server
-    without the built image's schema passes omitted inputs that way."""
-    return type(value).__name__ == "FieldInfo"
-
-
-_COG_SPECS = {spec.cog_key: spec for spec in COG_FIELDS}
-
-
-def payload_from_cog(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Turn Cog keyword inputs (flat, by Cog name: every one of `COG_FIELDS`, as Cog passes
-    them) into a RunPod-style payload for `validate_request`; omitted inputs (`is_omitted`) are
-    left out so the defaults apply."""
-    missing = [key for key in _COG_SPECS if key not in inputs]
-    if missing:  # a predictor that forgot to pass an input on would silently use its default
-        raise TypeError(f"Cog inputs missing: {', '.join(missing)}")
-    payload: dict[str, Any] = {}
-    output: dict[str, Any] = {}
-    for key, value in inputs.items():
-        if is_omitted(value):
-            continue
-        spec = _COG_SPECS.get(key)
-        if spec is None:
-            payload[key] = value  # validate_request names it as unknown
-        elif spec in OUTPUT_FIELDS:
-            output[spec.name] = value
-        else:
-            payload[spec.name] = value
-    if output:
-        payload["output"] = output
-    # Cog sends every input, so its steps default stands for "omitted" under preset fast.
-    preset = payload.get(Inputs.preset.name)
-    if isinstance(preset, str) and preset.lower() == "fast" \
-            and payload.get(Inputs.steps.name) == Inputs.steps.default:
-        del payload[Inputs.steps.name]
-    return payload

@@ -94,6 +94,30 @@ def _integer(env: Mapping[str, str], name: str, low: int, high: int) -> int | No
     return value
 
 
+REDACTED = "<redacted>"
+# A setting whose name holds one of these is a credential: `Settings.report` masks its value.
+_SECRET_WORDS = ("secret", "token", "password", "credential")
+
+
+def mask(value: str) -> str:
+    """A credential for a log line: its last characters only (at most 4, at most a quarter of
+    it), enough to tell two keys apart; a short one shows nothing."""
+    shown = min(4, len(value) // 4)
+    return "****" + (value[-shown:] if shown else "")
+
+
+def mask_url(url: str) -> str:
+    """A URL for a log line: a password in it (`https://user:pw@host`) and its query (where
+    presigned and tokened URLs carry their credentials) redacted."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:{REDACTED}@{host}"
+    query = REDACTED if parts.query else ""
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
 @dataclass(frozen=True)
 class Bucket:
     """Where `output.upload` puts images: an S3-compatible endpoint and one bucket on it."""
@@ -106,10 +130,13 @@ class Bucket:
     region: str = "us-east-1"
 
     def describe(self) -> str:
-        """For the start-up log: everything but the secret."""
-        public = f", public {self.public_url}" if self.public_url else ""
-        return (f"{self.endpoint_url}/{self.name} (key id {self.access_key_id}, secret "
-                f"<redacted>{public})")
+        """For the start-up log: where it is, the key id masked (`mask`), the secret never."""
+        public = f", public {mask_url(self.public_url)}" if self.public_url else ""
+        return (f"{mask_url(self.endpoint_url)}/{self.name} (key id "
+                f"{mask(self.access_key_id)}, secret {REDACTED}{public})")
+
+    def __repr__(self) -> str:  # a Settings in a traceback or a log line leaks nothing either
+        return f"Bucket({self.describe()})"
 
 
 def _bucket(env: Mapping[str, str]) -> Bucket | None:
@@ -185,10 +212,24 @@ class Settings:
         )
 
     def report(self) -> dict[str, str]:
-        """Every setting as text, for the start-up log (the bucket's secret redacted)."""
-        report = {f.name: str(getattr(self, f.name)) for f in fields(self)}
-        report["bucket"] = self.bucket.describe() if self.bucket else "none"
+        """Every setting as text, for the start-up log (`Predictor.setup` logs it): the bucket
+        as `Bucket.describe` gives it, any credential masked."""
+        report = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Bucket):
+                report[f.name] = value.describe()
+            elif value is None:
+                report[f.name] = "none"
+            elif any(word in f.name.lower() for word in _SECRET_WORDS):
+                report[f.name] = mask(str(value))
+            else:
+                report[f.name] = str(value)
         return report
+
+    def log_line(self) -> str:
+        """`report()` as one line: `name=value, ...`."""
+        return ", ".join(f"{name}={value}" for name, value in self.report().items())
 
 
 @contextmanager

@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from twins import write_tiny_weights
 from scripts.local_servers import CogServer
+from twins import write_tiny_weights
 
 PROMPT = "a confident woman in a business suit, professional lighting"
 

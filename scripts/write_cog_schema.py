@@ -19,7 +19,7 @@ def input_schema(module: str = "predict", name: str = "Predictor") -> tuple[dict
     """(Input schema, enum schemas for inputs with choices, Output schema) of the predictor."""
     from cog._inspector import create_predictor
 
-    from pipeline.schema import COG_FIELDS
+    from pipeline.cog_inputs import COG_FIELDS
 
     specs = {spec.cog_key: spec for spec in COG_FIELDS}
 

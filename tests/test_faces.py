@@ -24,8 +24,8 @@ from pipeline import faces as F
 from pipeline import segment as S
 from pipeline.errors import InvalidInput, ProviderUnavailable, WeightsMissing
 from pipeline.layout import Layout
-from twins.faces import TWIN_SAM, write_face_twins
 from tests.face_images import draw_face_marker, marker_scene, noise_image
+from twins.faces import TWIN_SAM, write_face_twins
 
 ROOT = Path(__file__).resolve().parent.parent
 

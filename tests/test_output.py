@@ -24,8 +24,8 @@ from pipeline.output import (
     MEDIA_TYPES,
     PNG_COMPRESS_LEVEL,
     RESPONSE_ENVELOPE_BYTES,
-    check_response_size,
-    encode_for_response,
+    check_response_sizes,
+    encode_all,
     encode_image,
     resolve_volume_dir,
     save_to_volume,
@@ -134,7 +134,7 @@ def test_format_tables_cover_the_same_formats():
 
 def test_base64_round_trips():
     data = encode_image(_image(), "png", 95)
-    text = check_response_size(data, LIMIT)
+    text = check_response_sizes([data], LIMIT)[0]
     assert isinstance(text, str) and base64.b64decode(text, validate=True) == data
 
 
@@ -142,16 +142,16 @@ def test_size_limit_boundary_keeps_room_for_the_envelope():
     data = bytes(range(256)) * 30  # 7680 bytes: 10240 base64 characters
     text_length = len(base64.b64encode(data))
     exact = text_length + RESPONSE_ENVELOPE_BYTES
-    assert check_response_size(data, exact)  # exactly at the limit passes
+    assert check_response_sizes([data], exact)[0]  # exactly at the limit passes
     with pytest.raises(OutputTooLarge) as excinfo:
-        check_response_size(data, exact - 1)
+        check_response_sizes([data], exact - 1)
     assert excinfo.value.field == "output.include_base64"
 
 
 def test_too_large_response_names_the_field_and_the_ways_out():
     data = os.urandom(200_000)
     with pytest.raises(OutputTooLarge) as excinfo:
-        check_response_size(data, 100_000)
+        check_response_sizes([data], 100_000)
     message = str(excinfo.value)
     assert excinfo.value.field == "output.include_base64"
     assert message.startswith("`output.include_base64` ")
@@ -160,14 +160,14 @@ def test_too_large_response_names_the_field_and_the_ways_out():
         assert way_out in message
 
 
-# ------------------------------------------------------------------- encode_for_response
+# ------------------------------------------------- encode_all, one image (as the handler)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_response_fields_for_base64(fmt, tmp_path):
     image = _image()
-    fields = encode_for_response(image, OutputOptions(format=fmt, quality=80), 7,
-                                 volume_root=tmp_path, response_limit=LIMIT)
+    [fields] = encode_all([(image, 7)], OutputOptions(format=fmt, quality=80),
+                          volume_root=tmp_path, response_limit=LIMIT)
     assert set(fields) == {"format", "media_type", "bytes", "image_base64"}
     data = base64.b64decode(fields["image_base64"])
     assert fields["format"] == fmt and fields["media_type"] == MEDIA_TYPES[fmt]
@@ -179,8 +179,7 @@ def test_response_fields_for_a_saved_image_only(tmp_path):
     image = _image()
     options = OutputOptions(include_base64=False, save_to_volume=True, volume_path="runs/a",
                             format="jpeg", quality=70)
-    fields = encode_for_response(image, options, 123, volume_root=tmp_path,
-                                 response_limit=LIMIT)
+    [fields] = encode_all([(image, 123)], options, volume_root=tmp_path, response_limit=LIMIT)
     assert set(fields) == {"format", "media_type", "bytes", "image_path"}
     saved = Path(fields["image_path"])
     assert saved.parent == (tmp_path / "runs" / "a").resolve()
@@ -192,28 +191,26 @@ def test_response_fields_for_a_saved_image_only(tmp_path):
 
 def test_response_with_both_base64_and_a_saved_copy(tmp_path):
     options = OutputOptions(include_base64=True, save_to_volume=True, volume_path="out")
-    fields = encode_for_response(_image(), options, 1, volume_root=tmp_path,
-                                 response_limit=LIMIT)
+    [fields] = encode_all([(_image(), 1)], options, volume_root=tmp_path, response_limit=LIMIT)
     assert base64.b64decode(fields["image_base64"]) == Path(fields["image_path"]).read_bytes()
 
 
 def test_response_with_neither_has_only_the_description(tmp_path):
     options = OutputOptions(include_base64=False, save_to_volume=False)
-    fields = encode_for_response(_image(), options, 1, volume_root=tmp_path,
-                                 response_limit=LIMIT)
+    [fields] = encode_all([(_image(), 1)], options, volume_root=tmp_path, response_limit=LIMIT)
     assert set(fields) == {"format", "media_type", "bytes"} and fields["bytes"] > 0
 
 
 def test_too_large_response_is_refused_naming_the_field(tmp_path):
-    _refused(lambda: encode_for_response(_image((256, 256)), OutputOptions(), 1,
-                                         volume_root=tmp_path, response_limit=2048),
+    _refused(lambda: encode_all([(_image((256, 256)), 1)], OutputOptions(),
+                                volume_root=tmp_path, response_limit=2048),
              "output.include_base64")
 
 
 def test_the_limit_does_not_apply_without_base64(tmp_path):
     options = OutputOptions(include_base64=False, save_to_volume=True)
-    fields = encode_for_response(_image((256, 256)), options, 1, volume_root=tmp_path,
-                                 response_limit=2048)
+    [fields] = encode_all([(_image((256, 256)), 1)], options, volume_root=tmp_path,
+                          response_limit=2048)
     assert Path(fields["image_path"]).is_file()
 
 

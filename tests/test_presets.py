@@ -20,12 +20,11 @@ from pipeline.errors import InvalidInput
 from pipeline.identity import FACEID_LORA_ADAPTER, FACEID_LORA_SCALE
 from pipeline.layout import PROJECT_ROOT
 from pipeline.presets import FAST_ADAPTER, fast_refine_steps, fast_scheduler
-from pipeline.schema import COG_FIELDS, Inputs, payload_from_cog, validate_request
+from pipeline.schema import Inputs, validate_request
 from pipeline.weights.lock import load_lock
 from scripts.local_servers import RunPodServer
 from tests import test_benchmark
-from tests.face_images import marker_scene
-from tests.face_images import data_uri
+from tests.face_images import data_uri, marker_scene
 
 SMALL = {"width": 512, "height": 512}
 
@@ -55,15 +54,6 @@ def test_fast_steps_rule():
         with pytest.raises(InvalidInput, match="`steps` must be 4 to 12 with preset fast"):
             validate_request({"prompt": "x", "preset": "fast", "steps": steps})
     assert validate_request({"prompt": "x", "preset": "fast", "cfg": 5.0}).cfg == 5.0
-
-
-def test_cog_default_steps_mean_omitted_under_fast():
-    # Cog sends every input, the declared defaults included.
-    inputs = {spec.cog_key: spec.default for spec in COG_FIELDS} | {"prompt": "x",
-                                                                   "preset": "fast"}
-    assert validate_request(payload_from_cog(inputs)).steps == 8
-    assert validate_request(payload_from_cog({**inputs, "steps": 6})).steps == 6
-    assert validate_request(payload_from_cog({**inputs, "preset": "quality"})).steps == 35
 
 
 def test_refine_steps_rule():

@@ -5,13 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import warnings
 
 import pytest
 
 from pipeline.errors import InvalidInput
 from pipeline.schema import (
-    COG_FIELDS,
     MAX_SEED,
     OUTPUT_FIELDS,
     OUTPUT_FORMATS,
@@ -22,8 +20,6 @@ from pipeline.schema import (
     OutputInputs,
     OutputOptions,
     Request,
-    is_omitted,
-    payload_from_cog,
     validate_output,
     validate_request,
 )
@@ -99,58 +95,6 @@ def test_largest_seed_and_integral_floats_are_accepted():
     assert validate_request({"prompt": "x", "image_url": ""}).image_url is None
 
 
-def _declared_cog_inputs() -> dict:
-    """Every Cog input as its declaration, as an unvalidating Cog server passes omitted ones."""
-    from cog import Input
-
-    return {spec.cog_key: Input(**spec.cog()) for spec in COG_FIELDS}
-
-
-def test_cog_field_infos_count_as_omitted():
-    from cog import Input
-
-    assert is_omitted(Input(default=832)) and not is_omitted(832) and not is_omitted(None)
-    payload = payload_from_cog({**_declared_cog_inputs(), "prompt": "x",
-                                "output_format": "jpeg"})
-    assert payload == {"prompt": "x", "output": {"format": "jpeg"}}
-    assert validate_request(payload).output.format == "jpeg"
-
-
-def test_a_cog_input_left_out_is_a_programming_error():
-    inputs = {**_declared_cog_inputs(), "prompt": "x"}
-    del inputs["steps"]
-    with pytest.raises(TypeError, match="steps"):
-        payload_from_cog(inputs)
-
-
-def test_unknown_cog_input_is_named():
-    payload = payload_from_cog({**_declared_cog_inputs(), "prompt": "x", "lora": "y"})
-    with pytest.raises(InvalidInput, match="`lora` is not a known field"):
-        validate_request(payload)
-
-
-def test_predict_inputs_agree_with_the_schema():
-    from cog._inspector import create_predictor
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        info = create_predictor("predict", "Predictor")
-    inputs = dict(info.inputs)
-    assert inputs.pop("image").type.primitive.name == "PATH"  # the Cog-only upload
-    specs = {spec.cog_key: spec for spec in COG_FIELDS}
-    assert list(inputs) == list(specs)  # the same inputs, in the schema's order
-    for name, field in inputs.items():
-        spec = specs[name]
-        assert field.default == (None if spec.required else spec.cog_default), name
-        if spec.ge is not None:
-            assert field.ge == pytest.approx(float(spec.ge)), name
-        if spec.le is not None:
-            assert field.le == pytest.approx(float(spec.le)), name
-        assert field.choices == (list(spec.choices) if spec.choices else None), name
-        optional = field.type.repetition.name.startswith("OPTIONAL")
-        assert optional == (spec.nullable and spec.kind is not list), name
-
-
 def test_every_request_field_is_on_the_request():
     names = [f.name for f in dataclasses.fields(Request)]
     assert names == [spec.name for spec in REQUEST_FIELDS] + ["output", "image_path"]
@@ -189,9 +133,8 @@ def test_specs_are_attributes_named_after_themselves():
         Inputs.width.default = 1024  # type: ignore[misc]
 
 
-def test_cog_inputs_leave_out_the_runpod_only_options():
-    assert [spec.cog_key for spec in COG_FIELDS if spec in OUTPUT_FIELDS] == \
-        ["output_format", "output_quality"]
+def test_specs_declare_their_cog_inputs():
+    assert OutputInputs.format.runpod_only is False and OutputInputs.upload.runpod_only is True
     assert Inputs.width.cog() == {"description": Inputs.width.description, "default": 832,
                                   "ge": 512, "le": 2048}
     assert "default" not in Inputs.prompt.cog()

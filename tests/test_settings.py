@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from pipeline.settings import (
     DEFAULT_WEIGHTS_DIR,
     SETTINGS,
     Settings,
+    mask,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +66,68 @@ def test_a_bad_value_stops_setup(monkeypatch, tiny_weights):
     monkeypatch.setenv("RESPONSE_LIMIT_BYTES", "ten megabytes")
     with pytest.raises(SettingsError, match="`RESPONSE_LIMIT_BYTES`"):
         Predictor().setup()
+
+
+# Credentials as an operator might set them: a password in the endpoint and a token in the
+# public URL too. None of these may reach the start-up log.
+CREDENTIALS = {
+    "BUCKET_ENDPOINT_URL": "https://uploader:url-password-value@s3.example.com/images",
+    "BUCKET_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID7890",
+    "BUCKET_SECRET_ACCESS_KEY": "secret-access-key-value",
+    "BUCKET_PUBLIC_URL": "https://cdn.example.com/i?token=cdn-token-value",
+}
+LEAKS = ("secret-access-key-value", "url-password-value", "cdn-token-value",
+         "AKIAEXAMPLEKEYID7890", "AKIAEXAMPLE")
+
+
+def test_the_report_masks_every_credential():
+    settings = Settings.from_env(CREDENTIALS)
+    text = f"{settings.report()} {settings.log_line()} {settings!r}"
+    assert not [leak for leak in LEAKS if leak in text]
+    bucket = settings.report()["bucket"]
+    assert "https://uploader:<redacted>@s3.example.com/images" in bucket  # where, not how
+    assert "key id ****7890" in bucket and "secret <redacted>" in bucket
+    assert "https://cdn.example.com/i?<redacted>" in bucket
+    assert settings.report()["weights_dir"] == str(settings.weights_dir)
+    assert Settings.from_env({}).report()["bucket"] == "none"
+
+
+def test_mask_shows_at_most_a_quarter_and_four_characters():
+    assert mask("0123456789abcdef0123") == "****0123"
+    assert mask("short-key") == "****ey" and mask("abc") == "****" and mask("") == "****"
+
+
+def test_a_credential_setting_added_later_is_masked_by_its_name():
+    @dataclasses.dataclass(frozen=True)
+    class WithToken(Settings):
+        api_token: str = "token-value-0123456789"
+
+    report = WithToken().report()
+    assert report["api_token"] == "****6789" and "token-value" not in WithToken().log_line()
+
+
+def test_setup_logs_the_settings_with_credentials_masked(monkeypatch, caplog):
+    """`Predictor.setup` is where both servers (Cog and the RunPod worker) start."""
+    import predict
+
+    class Service:  # no models: only the start-up log is under test
+        @classmethod
+        def load(cls, settings: Settings) -> Service:
+            return cls()
+
+        def warm_up(self) -> dict[str, float]:
+            return {"text": 0.0}
+
+    monkeypatch.setattr(predict, "CharacterService", Service)
+    monkeypatch.setattr(predict, "set_offline_defaults", lambda: None)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    caplog.set_level(logging.INFO)
+    predict.Predictor().setup()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settings: ")]
+    assert "bucket=https://uploader:<redacted>@s3.example.com/images" in line
+    assert "response_limit_bytes=" in line and "key id ****7890" in line
+    assert not [leak for leak in LEAKS if leak in caplog.text]
 
 
 def test_readme_lists_every_setting():

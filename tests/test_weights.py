@@ -15,7 +15,6 @@ import pytest
 
 from pipeline.errors import LockFormatError, WeightsMissing
 from pipeline.layout import PROJECT_ROOT, Layout
-from twins.lock import lock_from_tree
 from pipeline.weights import fetch as weights_fetch
 from pipeline.weights.__main__ import main
 from pipeline.weights.lock import (
@@ -25,6 +24,7 @@ from pipeline.weights.lock import (
     save_lock,
     verify,
 )
+from twins.lock import lock_from_tree
 
 # ---------------------------------------------------------------- a file server on loopback
 
