@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers import StableDiffusionXLPipeline
 
 from pipeline.convert import ComponentCache, load_converted_text_pipeline, sdxl_files
 from pipeline.device import Runtime, pick_runtime
@@ -45,7 +46,7 @@ class Models:
 
     layout: Layout
     runtime: Runtime
-    text_pipe: Any
+    text_pipe: StableDiffusionXLPipeline
     faces: FaceModels
     identity: IdentityModels
     picker: FacePicker | None
@@ -59,7 +60,8 @@ def speed_options(settings: Settings) -> dict[str, Any]:
             "fuse_qkv": settings.fuse_qkv}
 
 
-def load_identity_models(layout: Layout, runtime: Runtime, text_pipe: Any, *,
+def load_identity_models(layout: Layout, runtime: Runtime,
+                         text_pipe: StableDiffusionXLPipeline, *,
                          cache: ComponentCache | None = None, residency: UnetSwap | None = None,
                          settings: Settings | None = None,
                          speed: dict[str, Any] | None = None) -> IdentityModels:

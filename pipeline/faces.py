@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,12 @@ from pipeline.errors import InvalidInput, ProviderUnavailable, shorten
 from pipeline.layout import Layout
 from pipeline.segment import load_sam, sam_embed
 from pipeline.settings import environment_kept, set_offline_defaults
+
+if TYPE_CHECKING:  # imported where loaded: ultralytics and insightface are slow to import
+    from insightface.app import FaceAnalysis
+    from insightface.model_zoo.arcface_onnx import ArcFaceONNX
+    from segment_anything import SamPredictor
+    from ultralytics import YOLO
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +121,10 @@ def box_iou(a: Box, b: Box) -> float:
 class FaceModels:
     """Every face model, loaded once."""
 
-    analysis: Any  # insightface FaceAnalysis, antelopev2 (detection + recognition)
-    scorer: Any  # insightface ArcFaceONNX, buffalo_l w600k_r50
-    yolo: Any  # ultralytics YOLO, face_yolov8m
-    sam: Any  # segment_anything SamPredictor
+    analysis: FaceAnalysis  # antelopev2 (detection + recognition)
+    scorer: ArcFaceONNX  # buffalo_l w600k_r50
+    yolo: YOLO  # face_yolov8m
+    sam: SamPredictor
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from pipeline.errors import InvalidInput, PipelineError, shorten
 from pipeline.generate import GenerationParams, text_to_image
 from pipeline.instantid import RECIPE, RefineRecipe, refine_crop, refine_seed
 from pipeline.layout import Layout
+from pipeline.lora_state import LoraState
 from pipeline.residency import REFINE_UNET, TEXT_UNET, UnetSwap
 
 log = logging.getLogger(__name__)
@@ -131,36 +132,6 @@ class _UnetMode:
 
 
 @dataclass
-class _LoraState:
-    """peft LoRA layers' enabled flag, active adapters and per-layer scaling."""
-
-    enabled: bool
-    active: list[str]
-    scaling: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    @classmethod
-    def capture(cls, unet: Any) -> _LoraState:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = {n: m for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
-        enabled = any(not m.disable_adapters for m in layers.values())
-        return cls(enabled, list(unet.active_adapters()) if layers else [],
-                   {n: dict(m.scaling) for n, m in layers.items()})
-
-    def apply(self, unet: Any) -> None:
-        if not self.scaling:
-            return
-        unet.set_adapters(self.active)
-        for name, module in unet.named_modules():
-            if name in self.scaling:
-                module.scaling.update(self.scaling[name])
-        if self.enabled:
-            unet.enable_lora()
-        else:
-            unet.disable_lora()
-
-
-@dataclass
 class IdentityAdapters:
     """What `install_identity_adapters` left on the primary pipe: its identity-mode UNet parts."""
 
@@ -201,7 +172,7 @@ def identity_priors(pipe: StableDiffusionXLPipeline, adapters: IdentityAdapters,
     preset's, `pipeline.presets.fast_adapters`)."""
     unet = pipe.unet
     saved_mode = _UnetMode.capture(unet)
-    saved_lora = _LoraState.capture(unet)
+    saved_lora = LoraState.capture(unet)
     faceid = adapters.mode.encoder_hid_proj.image_projection_layers[FACEID_INDEX]
     try:
         adapters.mode.apply(unet)

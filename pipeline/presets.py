@@ -8,7 +8,7 @@ timestep_spacing="trailing")`, 8 steps, with guidance and negative prompts kept 
 Here the LoRA is loaded once per pipe as the peft adapter `fast` (`load_fast_lora`, UNet only)
 and left off; `preset_mode(pipe, preset)` switches it on (`set_adapters`) with the fast
 scheduler for the calls inside, then restores the pipe's scheduler object and LoRA state
-(`identity._LoraState`: enabled flag, active adapters, per-layer scaling) exactly, so a quality
+(`lora_state.LoraState`: enabled flag, active adapters, per-layer scaling) exactly, so a quality
 request after a fast one renders byte for byte as before. Unfused LoRA at scale 1.0 computes
 what the fused weights would.
 
@@ -32,12 +32,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from pipeline.errors import PipelineError
-from pipeline.identity import _LoraState
 from pipeline.instantid import REFINE_STEPS, RefineRecipe
 from pipeline.layout import Layout
+from pipeline.lora_state import LoraState
 from pipeline.schema import PRESET_CHOICES, Inputs
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,12 @@ def fast_adapters(preset: str) -> dict[str, float]:
     return {FAST_ADAPTER: FAST_LORA_SCALE} if preset == FAST else {}
 
 
-def scheduler_name(pipe: Any, preset: str) -> str:
+def scheduler_name(pipe: DiffusionPipeline, preset: str) -> str:
     """The class name of the scheduler a request on `pipe` samples with."""
     return DDIMScheduler.__name__ if preset == FAST else type(pipe.scheduler).__name__
 
 
-def load_fast_lora(pipe: Any, layout: Layout) -> None:
+def load_fast_lora(pipe: DiffusionPipeline, layout: Layout) -> None:
     """Load the fast LoRA into `pipe.unet` as adapter `fast` and leave every LoRA off, as the
     pipe was (UNet keys only: a text-encoder part of the file is ignored, logged)."""
     state_dict, alphas = pipe.lora_state_dict(str(layout.fast_lora.parent),
@@ -90,7 +90,7 @@ def load_fast_lora(pipe: Any, layout: Layout) -> None:
     if not unet_keys:
         raise PipelineError(f"{layout.fast_lora} holds no UNet LoRA weights")
     unet = pipe.unet
-    saved = _LoraState.capture(unet)
+    saved = LoraState.capture(unet)
     with warnings.catch_warnings():  # peft warns that a second adapter joins faceid_0: meant
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         pipe.load_lora_into_unet(unet_keys, alphas, unet=unet, adapter_name=FAST_ADAPTER)
@@ -100,14 +100,14 @@ def load_fast_lora(pipe: Any, layout: Layout) -> None:
 
 
 @contextmanager
-def preset_mode(pipe: Any, preset: str) -> Iterator[None]:
+def preset_mode(pipe: DiffusionPipeline, preset: str) -> Iterator[None]:
     """Run the calls inside with `preset` on `pipe`; quality leaves the pipe untouched, fast
     switches on the LoRA and the fast scheduler and restores both exactly afterwards."""
     if preset != FAST:
         yield
         return
     unet = pipe.unet
-    saved_scheduler, saved_lora = pipe.scheduler, _LoraState.capture(unet)
+    saved_scheduler, saved_lora = pipe.scheduler, LoraState.capture(unet)
     try:
         pipe.scheduler = fast_scheduler(saved_scheduler.config)
         unet.set_adapters([FAST_ADAPTER], weights=[FAST_LORA_SCALE])

@@ -32,13 +32,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from compel import Compel, ReturnedEmbeddingsType, SplitLongTextMode
 from compel.prompt_parser import Conjunction, FlattenedPrompt, Fragment
 
 from pipeline.errors import InvalidInput, shorten
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 # CLIP reads 77 positions: a start marker, 75 tokens, an end marker. A prompt may fill at most
 # MAX_WINDOWS of them (A1111 and ComfyUI users rarely pass three).
@@ -130,7 +133,7 @@ class PromptEmbeds:
 class PromptEncoder:
     """compel over one SDXL pipeline's two tokenizers and text encoders."""
 
-    def __init__(self, pipe: Any):
+    def __init__(self, pipe: DiffusionPipeline):
         # No reference to `pipe` itself: the cache below is keyed weakly by it.
         # One Compel per encoder, as compel's own CompelForSDXL builds them (its multi-encoder
         # constructor is deprecated and cannot pad prompts of different lengths).
@@ -206,7 +209,7 @@ def _conjunction(fragments: WeightedFragments) -> Conjunction:
     return Conjunction([FlattenedPrompt(parts)])
 
 
-def _encoder_key(pipe: Any) -> tuple:
+def _encoder_key(pipe: DiffusionPipeline) -> tuple:
     # A new encoder if the pipe's text components were replaced or moved.
     return tuple((id(module), getattr(module, "device", None)) for module in (
         pipe.tokenizer, pipe.tokenizer_2, pipe.text_encoder, pipe.text_encoder_2))
@@ -215,7 +218,7 @@ def _encoder_key(pipe: Any) -> tuple:
 _ENCODERS: weakref.WeakKeyDictionary[Any, PromptEncoder] = weakref.WeakKeyDictionary()
 
 
-def prompt_encoder(pipe: Any) -> PromptEncoder:
+def prompt_encoder(pipe: DiffusionPipeline) -> PromptEncoder:
     """The pipe's `PromptEncoder`, built at first use and kept while the pipe lives."""
     encoder = _ENCODERS.get(pipe)
     if encoder is None or encoder.key != _encoder_key(pipe):
@@ -239,7 +242,7 @@ def encodings_reused() -> Iterator[None]:
         _REUSED.reset(token)
 
 
-def encode_prompts(pipe: Any, prompt: str, negative_prompt: str) -> PromptEmbeds:
+def encode_prompts(pipe: DiffusionPipeline, prompt: str, negative_prompt: str) -> PromptEmbeds:
     """The pipe's conditioning for a (prefixed) prompt pair; see `PromptEncoder.encode`."""
     encoder = prompt_encoder(pipe)
     reused = _REUSED.get()
@@ -251,6 +254,6 @@ def encode_prompts(pipe: Any, prompt: str, negative_prompt: str) -> PromptEmbeds
     return reused[key]
 
 
-def count_tokens(pipe: Any, text: str, field: str = "prompt") -> int:
+def count_tokens(pipe: DiffusionPipeline, text: str, field: str = "prompt") -> int:
     """Tokens the pipe's model sees for `text`; over the limit is an `InvalidInput`."""
     return prompt_encoder(pipe).checked(text, field)[1]

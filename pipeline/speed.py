@@ -21,11 +21,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.device import Runtime
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +41,14 @@ VAE_TILE_PIXELS = 1024 * 1024
 VAE_TILE_SIZE = 1024
 
 
-def _models(pipe: Any, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+def _models(pipe: DiffusionPipeline, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
     return {n: m for n in names if isinstance(m := getattr(pipe, n, None), torch.nn.Module)}
 
 
 # --------------------------------------------------------------------------------- attention
 
 
-def _sdpa(pipe: Any) -> dict[str, Any]:
+def _sdpa(pipe: DiffusionPipeline) -> dict[str, Any]:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     counts: dict[str, dict[str, int]] = {}
@@ -70,7 +73,7 @@ def _lora_wrapped(attention: torch.nn.Module) -> bool:
                for p in ("to_q", "to_k", "to_v"))
 
 
-def _fuse_qkv(pipe: Any) -> dict[str, Any]:
+def _fuse_qkv(pipe: DiffusionPipeline) -> dict[str, Any]:
     """Fuse the projections of transformer-block attention layers where that is exact."""
     from diffusers.models.attention_processor import (
         Attention,
@@ -135,7 +138,7 @@ def vae_to_bf16(vae: Any, outer_dtype: torch.dtype) -> None:
     vae._speed_bf16 = True
 
 
-def _vae_precision(pipe: Any, runtime: Runtime, bf16: bool | None) -> dict[str, Any]:
+def _vae_precision(pipe: DiffusionPipeline, runtime: Runtime, bf16: bool | None) -> dict[str, Any]:
     vae = pipe.vae
     if getattr(vae, "_speed_bf16", False):
         return {"applied": True, "dtype": "bfloat16", "decode": "bfloat16"}
@@ -176,7 +179,7 @@ def enable_adaptive_tiling(vae: Any, max_pixels: int = VAE_TILE_PIXELS,
 # ------------------------------------------------------------------------------------- compile
 
 
-def _compile(pipe: Any, options: dict[str, Any]) -> dict[str, Any]:
+def _compile(pipe: DiffusionPipeline, options: dict[str, Any]) -> dict[str, Any]:
     compiled = []
     for name, model in _models(pipe, COMPILED_MODULES).items():
         if getattr(model, "_compiled_call_impl", None) is None:
@@ -189,7 +192,7 @@ def _compile(pipe: Any, options: dict[str, Any]) -> dict[str, Any]:
             "warm_up_sizes": [list(s) for s in COMPILE_WARM_UP_SIZES]}
 
 
-def apply_speed_switches(pipe: Any, runtime: Runtime, *, compile: bool | dict = False,
+def apply_speed_switches(pipe: DiffusionPipeline, runtime: Runtime, *, compile: bool | dict = False,
                          compile_mode: str | None = None, fuse_qkv: bool = False,
                          vae_bf16: bool | None = None, vae_tiling: bool = True
                          ) -> dict[str, Any]:
