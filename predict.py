@@ -16,6 +16,7 @@ from cog import BaseModel, BasePredictor, Input, Path
 
 from pipeline.cog_inputs import UPLOAD_DESCRIPTION, is_omitted, payload_from_cog
 from pipeline.output import encode_image
+from pipeline.results import Progress, Result
 from pipeline.schema import (
     OUTPUT_FORMATS,
     Inputs,
@@ -23,7 +24,7 @@ from pipeline.schema import (
     Request,
     validate_request,
 )
-from pipeline.service import CharacterService, Progress, Result
+from pipeline.service import CharacterService
 from pipeline.settings import Settings, set_offline_defaults
 
 
@@ -112,9 +113,4 @@ class Predictor(BasePredictor):
             path = self._output_dir / f"{name}.{OUTPUT_FORMATS[fmt].extension}"
             path.write_bytes(encode_image(one.image, fmt, request.output.quality))
             paths.append(Path(path))
-        report = result.report()
-        return Output(image=paths[0], images=paths, seed=report["seed"], mode=report["mode"],
-                      width=report["width"], height=report["height"],
-                      timings=report["timings"], face_swap=report.get("face_swap"),
-                      prompt_tokens=report.get("prompt_tokens"), preset=report.get("preset"),
-                      steps=report.get("steps"), scheduler=report.get("scheduler"))
+        return Output(image=paths[0], images=paths, **result.to_json())

@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.device import is_out_of_memory
 from pipeline.errors import PipelineError
 from pipeline.output import check_response_estimate, encode_all
+from pipeline.results import ImageResult
 from pipeline.schema import Request, validate_request
 from pipeline.settings import Settings
 from pipeline.upload import Uploader, check_upload_configured
@@ -67,13 +68,12 @@ def _refuse_early(request: Request, settings: Settings) -> Any:
     return Uploader(settings.bucket) if request.output.upload else None
 
 
-def _image_entry(index: int, one: Any, entry: dict) -> dict:
+def _image_entry(index: int, one: ImageResult, entry: dict) -> dict:
     """One image of a multi-image response."""
     fields = {"index": index, "seed": one.seed, "bytes": entry["bytes"]}
     fields.update({key: entry[key] for key in ("image_base64", "image_url", "image_path")
                    if key in entry})
-    if one.face_swap is not None:
-        fields["face_swap"] = one.face_swap
+    fields.update(one.to_json())
     return fields
 
 
@@ -93,7 +93,7 @@ def handler(job: dict) -> dict:
                              response_limit=settings.response_limit_bytes, uploader=uploader,
                              job_id=str(job.get("id") or "job"))
         result.timings["encode"] = time.perf_counter() - encode_started
-        answer = {"status": "success", **result.report()}
+        answer = {"status": "success", **result.to_json()}
         if len(entries) == 1:
             answer.update(entries[0])  # today's response, key for key
         else:

@@ -194,7 +194,7 @@ def evaluate(service: Any, references: list[Path], held_out: Path | None, prompt
             started, output = time.perf_counter(), None
             try:
                 result = service.run(request)
-                output, swap = result.image, result.face_swap
+                output, swap = result.image, result.face_swap.to_json()
                 row.update(applied=bool(swap["applied"]), reason=swap["reason"],
                            service_similarity=swap["similarity"])
             except PipelineError as error:  # e.g. no face in the reference: a row, not a crash

@@ -6,7 +6,7 @@ Writes the twins (CPU, refine guide size 256, as the tests) unless `--weights` i
 the service once, then for n = 1..4 identities (n different marker references) times, median
 of `--repeats` interleaved runs:
 - generate: one generation at 512x512 with n references (n > 1: regional IP-Adapter masks);
-- swap: `MultiIdentityStage.swap_all` onto a drawn 4-face scene, n faces refined and scored.
+- swap: `FaceSwapStage.swap` onto a drawn 4-face scene, n faces refined and scored.
 Prints each median and its ratio to n = 1. The twin UNet is tiny, so the ratios say how the
 work grows with n on this code, not SDXL seconds; the full-size estimate is docs/performance.md
 section 7 (FLOPs).
@@ -34,14 +34,13 @@ def measure(service: Any, repeats: int) -> dict[str, Any]:
     from bench.fidelity import draw_marker_photo
     from bench.twin_service import data_uri
     from pipeline.generate import GenerationParams
-    from pipeline.identities import MultiIdentityStage
+    from pipeline.results import Timings, no_progress
     from pipeline.schema import validate_request
-    from pipeline.service import Timings
     from twins.faces import MARKER_RGB
 
     references = [data_uri(draw_marker_photo((256, 256), box, seed=10 + i))
                   for i, box in enumerate(REFERENCE_BOXES)]
-    stage = MultiIdentityStage(service.face_swap)
+    stage = service.face_swap
     scene = draw_marker_photo((SIZE, SIZE), SCENE_BOXES[0], seed=5)
     for box in SCENE_BOXES[1:]:
         ImageDraw.Draw(scene).rectangle([box[0], box[1], box[2] - 1, box[3] - 1],
@@ -53,16 +52,15 @@ def measure(service: Any, repeats: int) -> dict[str, Any]:
             request = validate_request({"prompt": "four knights", "width": SIZE, "height": SIZE,
                                         "steps": STEPS, "seed": 0, "identities": [
                                             {"image_url": url} for url in references[:count]]})
-            loaded = stage.load_all(request, Timings())
+            loaded = stage.load_references(request.references, Timings())
             started = time.perf_counter()
-            stage.stage.identity.generate(params, [one.reference for one in loaded])
+            stage.identity.generate(params, [one.reference for one in loaded])
             seconds["generate"].setdefault(count, []).append(time.perf_counter() - started)
             started = time.perf_counter()
-            _final, report = stage.swap_all(scene, loaded, request, params, Timings(),
-                                            lambda _stage: None)
+            _final, report = stage.swap(scene, loaded, request, params, Timings(), no_progress)
             seconds["swap"].setdefault(count, []).append(time.perf_counter() - started)
-            if not report["applied"]:
-                raise RuntimeError(f"{count} identities: not all applied: {report['reason']}")
+            if not report.applied:
+                raise RuntimeError(f"{count} identities: not all applied: {report.reason}")
     result: dict[str, Any] = {"repeats": repeats, "size": f"{SIZE}x{SIZE}", "steps": STEPS,
                               "seconds": seconds}
     for part, runs in seconds.items():

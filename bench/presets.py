@@ -39,7 +39,7 @@ def measure(service: Any, repeats: int, reference: str) -> dict[str, Any]:
             seconds["text"][preset].append(result.timings["generate"])
             result = service.run(validate_request({**base, "image_url": reference}))
             seconds["face"][preset].append(result.timings["generate"])
-            if result.face_swap["applied"]:
+            if result.face_swap.applied:
                 refine[preset].append(result.timings["refine"])
     report: dict[str, Any] = {"repeats": repeats, "size": f"{SIZE}x{SIZE}", "seconds": seconds,
                               "refine_seconds": refine}

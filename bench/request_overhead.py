@@ -129,7 +129,7 @@ def with_applied_swap(predictor, face: dict, seeds: int = 16) -> dict:
 
     for seed in range(seeds):
         payload = {**face, "seed": seed}
-        if predictor.generate(validate_request(payload)).face_swap["applied"]:
+        if predictor.generate(validate_request(payload)).face_swap.applied:
             return payload
     raise RuntimeError(f"no seed in 0..{seeds - 1} gave the twin scene a face")
 

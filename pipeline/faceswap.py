@@ -1,23 +1,29 @@
-"""Face-swap mode: the generated character wears the reference face.
+"""Face-swap mode, for one reference as for four: the generated character wears each face.
 
 Stages, in order (constants in `pipeline.faces`, `pipeline.identity`, `pipeline.instantid`):
-1. reference: fetch/decode the image, detect faces (InsightFace), choose ONE face (index, picker
-   by description, or the largest) and use that same face for every identity stage;
-2. generate: the primary checkpoint with IP-Adapter FaceID Plus v2 + Plus Face;
-3. target: detect faces in the generated scene (YOLO), choose one, crop around it, SAM mask;
-4. refine: InstantID inpainting of the crop on the second checkpoint;
-(2 and 4 run under the request's preset, `pipeline.presets`: fast adds its LoRA, fewer steps)
-5. paste back with a feathered, blurred mask, and score the identity (ArcFace cosine).
-No face in the scene: the generated image is returned with `applied: false` and the reason, or
-an error when the request sets `require_face_swap`.
+1. references: each one fetched and decoded, its faces detected (InsightFace), ONE face chosen
+   (index, picker by description, or the largest) and embedded; errors name the reference's
+   fields (`image_url`, `identities[1].face_index`);
+2. generate: the primary checkpoint with IP-Adapter FaceID Plus v2 + Plus Face; with several
+   references each one's tokens act only in its own column of the image
+   (`pipeline.identity.identity_regions`, ordered by `pipeline.targets.region_order`);
+3. targets: detect the scene's faces (YOLO) and give each reference one
+   (`pipeline.targets.assign_targets`); a reference left without a face is reported
+   `applied: false` with the reason naming the field, or fails the request under
+   `require_face_swap`;
+4. refine, face by face: each target's SAM mask minus every other target's, InstantID
+   inpainting of its crop on the second checkpoint with that reference, pasted back with a
+   feathered, blurred alpha that is 0 on every other target's mask;
+5. score: each face's ArcFace cosine to its own reference (`similarity`) and to the others'
+   (`cross_similarity`: one face copied onto everyone shows as a high cross similarity).
+(2 and 4 run under the request's preset, `pipeline.presets`: fast adds its LoRA, fewer steps.)
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -26,10 +32,17 @@ from pipeline import faces as face_ops
 from pipeline.errors import FaceSwapNotApplied, InvalidInput, NoFaceFound
 from pipeline.generate import GenerationParams
 from pipeline.identity import IdentityModels, ReferenceIdentity
+from pipeline.identity_schema import Identity
 from pipeline.image_input import load_reference_image
-from pipeline.instantid import RefineRecipe
+from pipeline.instantid import RefineRecipe, refine_seed
 from pipeline.presets import fast_adapters, preset_mode, refine_recipe
-from pipeline.schema import Identity, Request
+from pipeline.results import FacesFound, FaceSwapReport, IdentityOutcome, Progress, Timings
+from pipeline.schema import Request
+from pipeline.targets import assign_targets, disjoint_masks, refine_offsets, region_order
+
+if TYPE_CHECKING:
+    from pipeline.faces import Face, FaceModels
+    from pipeline.picker import FacePicker
 
 # Paste-back (seed recipe): the SAM mask is blurred by MASK_BLUR_PX, and the crop's own edge is
 # feathered over FEATHER_PX so no seam shows where the refined crop meets the scene.
@@ -70,153 +83,160 @@ def paste_back(scene: Image.Image, refined: Image.Image, alpha: np.ndarray,
     return Image.fromarray(out)
 
 
-def faces_report(found: list, chosen: int | None, picked_by: str | None) -> dict[str, Any]:
-    return {"faces": [dict(index=i, **face.to_report()) for i, face in enumerate(found)],
-            "chosen": chosen, "picked_by": picked_by}
+@dataclass(frozen=True)
+class LoadedReference:
+    """One reference after its reference stage: the chosen face of its photo, what every
+    identity stage takes from it, and the photo's faces for the report."""
+
+    identity: Identity
+    face: Face
+    reference: ReferenceIdentity
+    found: FacesFound
 
 
 @dataclass
 class FaceSwapStage:
     """The face-swap models, injected, and the stage that runs them."""
 
-    faces: Any  # pipeline.faces.FaceModels
+    faces: FaceModels
     identity: IdentityModels
-    picker: Any | None = None  # pipeline.picker.FacePicker
+    picker: FacePicker | None = None
 
-    def choose(self, image: Image.Image, found: list, index: int | None, description: str,
-               index_field: str, image_field: str) -> tuple[int, str]:
-        """Which face: an explicit index, else the picker by description, else the largest."""
-        if index is not None:
-            return face_ops.choose_face(found, index, index_field)
-        if description.strip() and self.picker is not None and len(found) > 1:
-            picked = self.picker.pick(image, [face.box for face in found], description,
-                                      field=image_field)
+    def choose_reference_face(self, image: Image.Image, found: Sequence[Face],
+                              identity: Identity) -> tuple[int, str]:
+        """Which face of a reference photo: `face_index` (past the photo's faces: an error
+        naming it, since the user has the photo in hand), else the picker by
+        `face_description`, else the largest."""
+        index_field = identity.field + "face_index"
+        if identity.face_index is not None:
+            return face_ops.choose_face(list(found), identity.face_index, index_field)
+        if identity.face_description.strip() and self.picker is not None and len(found) > 1:
+            picked = self.picker.pick(image, [face.box for face in found],
+                                      identity.face_description, field=identity.image_field)
             return picked.index, picked.picked_by
-        return face_ops.choose_face(found, None, index_field)
+        return face_ops.choose_face(list(found), None, index_field)
 
-    def run(self, request: Request, params: GenerationParams, timings: Any,
-            notify: Any) -> tuple[Image.Image, dict[str, Any]]:
-        """The whole mode: reference, identity generation, then the swap onto the scene."""
-        return self.run_all(request, [params], timings, notify)[0]
-
-    def run_all(self, request: Request, params_each: Sequence[GenerationParams], timings: Any,
-                notify: Any) -> list[tuple[Image.Image, dict[str, Any]]]:
-        """The mode for several images (`num_outputs`): the reference stage (fetch, detection,
-        embeddings, picker) once, then every image's generation, then every image's swap (so a
-        24 GB card swaps its UNets twice per request, not per image); each image gets its own
-        report, the reference part a copy of the one analysis."""
-        face, reference, shared = self.reference(request, timings, notify)
-        scenes = []
-        for index, params in enumerate(params_each):
-            notify("generating" if len(params_each) == 1
-                   else f"generating image {index + 1} of {len(params_each)}")
-            with timings.stage("generate"), preset_mode(self.identity.text_pipe, request.preset):
-                scenes.append(self.identity.generate(params, reference,
-                                                     extra_lora=fast_adapters(request.preset)))
-        outputs = []
-        for scene, params in zip(scenes, params_each, strict=True):
-            report = copy.deepcopy(shared)
-            final = self.swap_onto(scene, face, reference, request, params, timings, notify,
-                                   report)
-            outputs.append((final, report))
-        return outputs
-
-    def reference(self, request: Request, timings: Any,
-                  notify: Any) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
-        """Load the (first) reference image and choose its face; every identity stage uses that
-        face."""
-        notify("loading reference")
-        return self.load_identity(request.references[0], timings)
-
-    def load_identity(self, identity: Identity, timings: Any
-                      ) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
-        """Fetch one identity's reference image and choose its face (errors name its fields)."""
-        with timings.stage("reference"):
-            image = load_reference_image(url=identity.image_url, path=identity.image_path,
-                                         url_field=identity.image_field)
-            return self.identify(image, identity.face_index, identity.face_description,
-                                 identity.image_field, index_field=identity.field + "face_index")
-
-    def identify(self, image: Image.Image, index: int | None, description: str,
-                 image_field: str, index_field: str = "face_index"
-                 ) -> tuple[Any, ReferenceIdentity, dict[str, Any]]:
+    def identify(self, image: Image.Image, identity: Identity) -> LoadedReference:
         """Detect the faces of a reference photo, choose one, and compute what every identity
-        stage takes from it; returns the face, its identity and the reference report."""
+        stage takes from it."""
         found = face_ops.detect_reference_faces(self.faces, image)
         if not found:
-            raise NoFaceFound(image_field)
-        ref_index, ref_reason = self.choose(image, found, index, description, index_field,
-                                            image_field)
-        face = found[ref_index]
+            raise NoFaceFound(identity.image_field)
+        index, picked_by = self.choose_reference_face(image, found, identity)
+        face = found[index]
         # FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's: each gets its
         # own, and a face without buffalo_l's is refused rather than given glintr100's.
         if face.score_embedding is None or face.embedding is None:
-            raise InvalidInput(image_field, f"face {ref_index} has no keypoints to align, so no "
-                               "buffalo_l (FaceID) or antelopev2 (InstantID) embedding could be "
-                               "computed; send a clearer, frontal photo")
+            raise InvalidInput(identity.image_field, f"face {index} has no keypoints to align, "
+                               "so no buffalo_l (FaceID) or antelopev2 (InstantID) embedding "
+                               "could be computed; send a clearer, frontal photo")
         reference = ReferenceIdentity(embedding=face.embedding,
                                       face_crop=face_ops.aligned_face_crop(image, face),
                                       faceid_embedding=face.score_embedding)
-        report: dict[str, Any] = {"applied": False, "reason": None, "similarity": None,
-                                  "reference": faces_report(found, ref_index, ref_reason)}
-        return face, reference, report
+        return LoadedReference(identity, face, reference, FacesFound(tuple(found), index,
+                                                                     picked_by))
 
-    def swap_onto(self, scene: Image.Image, face: Any, reference: ReferenceIdentity,
-                  request: Request, params: GenerationParams, timings: Any, notify: Any,
-                  report: dict[str, Any], recipe: RefineRecipe | None = None) -> Image.Image:
-        """Find the target face in `scene`, refine it under InstantID, paste it back and score
-        the identity; `report` records every outcome (never a silent no-op)."""
-        notify("finding the face in the scene")
+    def load_references(self, identities: Sequence[Identity],
+                        timings: Timings) -> list[LoadedReference]:
+        """Every reference's stage (fetch, face choice, embeddings), in request order."""
+        loaded = []
+        for identity in identities:
+            with timings.stage("reference"):
+                image = load_reference_image(url=identity.image_url, path=identity.image_path,
+                                             url_field=identity.image_field)
+                loaded.append(self.identify(image, identity))
+        return loaded
+
+    def generate(self, loaded: Sequence[LoadedReference], request: Request,
+                 params: GenerationParams) -> Image.Image:
+        """The scene, under every reference's identity priors, each in its own region."""
+        order = region_order([one.identity for one in loaded])
+        with preset_mode(self.identity.text_pipe, request.preset):
+            return self.identity.generate(params, [loaded[i].reference for i in order],
+                                          extra_lora=fast_adapters(request.preset))
+
+    def run_all(self, request: Request, params_each: Sequence[GenerationParams],
+                timings: Timings, notify: Progress) -> list[tuple[Image.Image, FaceSwapReport]]:
+        """The mode for every image of the request (`num_outputs`): the references once, then
+        every image's generation, then every image's swap (so a 24 GB card swaps its UNets
+        twice per request, not per image)."""
+        notify("loading references" if len(request.references) > 1 else "loading reference")
+        loaded = self.load_references(request.references, timings)
+        scenes = []
+        for number, params in enumerate(params_each):
+            notify("generating" if len(params_each) == 1
+                   else f"generating image {number + 1} of {len(params_each)}")
+            with timings.stage("generate"):
+                scenes.append(self.generate(loaded, request, params))
+        return [self.swap(scene, loaded, request, params, timings, notify)
+                for scene, params in zip(scenes, params_each, strict=True)]
+
+    def swap(self, scene: Image.Image, loaded: Sequence[LoadedReference], request: Request,
+             params: GenerationParams, timings: Timings, notify: Progress,
+             recipe: RefineRecipe | None = None) -> tuple[Image.Image, FaceSwapReport]:
+        """Place every reference on its own face of `scene`: refine, paste back, score; the
+        report has one outcome per reference, in request order (never a silent no-op).
+        `recipe` replaces the identity models' refine recipe (the warm-up's short one)."""
+        notify("finding the faces in the scene")
         with timings.stage("detect_target"):
             targets = face_ops.detect_target_faces(self.faces, scene)
-        if not targets:
-            report["target"] = faces_report([], None, None)
-            report["reason"] = "no face found in the generated image"
-            if request.require_face_swap:
-                raise FaceSwapNotApplied(
-                    "face swap not applied: no face found in the generated image "
-                    "(`require_face_swap` is true)")
-            return scene
-        # The warm-up's request has no reference of its own: its target is chosen as by default.
-        identity = request.references[0] if request.references else Identity(None)
-        target_index, target_reason = self.choose(
-            scene, targets, identity.target_index, identity.target_description,
-            identity.field + "target_index", identity.image_field)
-        target = targets[target_index]
-        report["target"] = faces_report(targets, target_index, target_reason)
-        notify("refining the face")
-        with timings.stage("mask"):
-            mask = face_ops.face_mask(self.faces, scene, target.box)
-        final = self.refine_face(scene, target, mask, reference, request, params, timings,
-                                 report, recipe=recipe)
-        with timings.stage("similarity"):
-            report["similarity"] = round(float(face_ops.identity_similarity(
-                self.faces, face, final, target.box)), 4)
-        report["applied"] = True
-        return final
+        outcomes = [IdentityOutcome(one.found, one.identity.field) for one in loaded]
+        assign_targets(self.picker, scene, targets, [one.identity for one in loaded], outcomes)
+        placed = [position for position, one in enumerate(outcomes) if one.target is not None]
+        final = scene
+        if placed:
+            with timings.stage("mask"):
+                masks = disjoint_masks(face_ops.face_masks(
+                    self.faces, scene, [targets[outcomes[p].target].box for p in placed]))
+            offsets = refine_offsets([outcomes[p].target for p in placed])
+            for (mask, others), position in zip(masks, placed, strict=True):
+                outcome = outcomes[position]
+                notify(f"refining face {outcome.target}" if len(loaded) == 1
+                       else f"refining face {outcome.target} for identity {position}")
+                final = self.refine_face(
+                    final, targets[outcome.target], mask, loaded[position].reference, request,
+                    params, timings, outcome,
+                    seed=refine_seed(params.seed) + offsets[outcome.target], keep_out=others,
+                    recipe=recipe)
+                outcome.applied = True
+            with timings.stage("similarity"):
+                self.score(final, targets, loaded, outcomes)
+        report = FaceSwapReport(outcomes, tuple(targets), listed=bool(request.identities))
+        if not report.applied and request.require_face_swap:
+            raise FaceSwapNotApplied(report.not_applied_message())
+        return final, report
 
-    def refine_face(self, scene: Image.Image, target: Any, mask: np.ndarray,
+    def refine_face(self, scene: Image.Image, target: Face, mask: np.ndarray,
                     reference: ReferenceIdentity, request: Request, params: GenerationParams,
-                    timings: Any, report: dict[str, Any], *, seed: int | None = None,
-                    keep_out: np.ndarray | None = None,
-                    recipe: RefineRecipe | None = None) -> Image.Image:
+                    timings: Timings, outcome: IdentityOutcome, *, seed: int,
+                    keep_out: np.ndarray, recipe: RefineRecipe | None = None) -> Image.Image:
         """Refine the face `target` of `scene` (its full-image `mask`) under InstantID with
         `reference` and paste it back; `keep_out` (full-image bool) is where the paste must not
-        reach; `seed` defaults to the refine seed of `params`. Records `report["refine"]`."""
+        reach. Records what the sampler ran in `outcome.refine`."""
         box = face_ops.crop_box(target.box, scene.size)
         crop_mask = mask[box[1]:box[3], box[0]:box[2]]
         with timings.stage("refine"):
             keypoints = face_ops.target_keypoints(target) - np.array(box[:2], dtype=np.float32)
-            refine_report: dict[str, Any] = {}
+            outcome.refine = {}
             recipe = refine_recipe(recipe or self.identity.recipe, request.preset, params.steps)
             with preset_mode(self.identity.refine_pipe, request.preset):
                 refined = self.identity.refine(scene.crop(box),
                                                Image.fromarray(crop_mask.astype(np.uint8) * 255),
                                                keypoints, reference, params, seed=seed,
-                                               recipe=recipe, report=refine_report)
-            report["refine"] = refine_report
+                                               recipe=recipe, report=outcome.refine)
         with timings.stage("paste"):
-            alpha = paste_mask(crop_mask)
-            if keep_out is not None:
-                alpha = alpha * ~keep_out[box[1]:box[3], box[0]:box[2]]
+            alpha = paste_mask(crop_mask) * ~keep_out[box[1]:box[3], box[0]:box[2]]
             return paste_back(scene, refined, alpha, box)
+
+    def score(self, final: Image.Image, targets: Sequence[Face],
+              loaded: Sequence[LoadedReference], outcomes: Sequence[IdentityOutcome]) -> None:
+        """Each placed face's buffalo_l cosine to its own reference and to the others'."""
+        references = [one.face.score_embedding for one in loaded]
+        for position, outcome in enumerate(outcomes):
+            if outcome.target is None:
+                continue
+            embedding = face_ops.embedding_in_box(self.faces, final, targets[outcome.target].box)
+            outcome.similarity = round(face_ops.cosine(references[position], embedding), 4)
+            outcome.cross_similarity = [
+                {"identity": other, "similarity": round(face_ops.cosine(reference, embedding), 4)}
+                for other, reference in enumerate(references) if other != position]

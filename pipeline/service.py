@@ -12,28 +12,31 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from diffusers import StableDiffusionXLPipeline
 
 from pipeline.assemble import load_models
+from pipeline.errors import PipelineError
 from pipeline.faceswap import FaceSwapStage
 from pipeline.generate import GenerationParams, prompt_tokens, text_to_image
-from pipeline.identities import MultiIdentityStage, single_identity_entry
+from pipeline.image_input import load_reference_image
 from pipeline.presets import FAST, preset_mode, scheduler_name
 from pipeline.prompts import encodings_reused
 from pipeline.residency import TEXT_UNET, UnetSwap
+from pipeline.results import (
+    ImageResult,
+    Progress,
+    Result,
+    Timings,
+    no_progress,
+)
 from pipeline.schema import MAX_SEED, Request
 from pipeline.settings import Settings
 from pipeline.speed import COMPILE_WARM_UP_SIZES
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str], None]
 
 WARM_UP_SIZE, WARM_UP_STEPS = 512, 2
 WARM_UP_PROMPT = "a portrait photo of a person"
@@ -41,68 +44,6 @@ WARM_UP_DESCRIPTION = "the person on the left"
 # A public-domain portrait (NASA's photo of astronaut Eileen Collins, as scikit-image ships it),
 # swapped at start-up with real weights; a weights tree may bring its own (Layout).
 BUNDLED_WARM_UP_FACE = Path(__file__).resolve().parent / "assets" / "warm_up_face.jpg"
-
-
-@dataclass
-class ImageResult:
-    """One image of a request (`num_outputs`): its pixels, seed and face-swap report."""
-
-    image: Image.Image
-    seed: int
-    face_swap: dict[str, Any] | None = None
-
-
-@dataclass
-class Result:
-    """What one request produced: the image and everything the response reports about it;
-    `image`, `seed` and `face_swap` are the first image's, `images` holds every image (the
-    first included), and `timings` are summed over the images."""
-
-    image: Image.Image
-    seed: int
-    mode: str  # "text" or "face_swap"
-    timings: dict[str, float] = field(default_factory=dict)
-    face_swap: dict[str, Any] | None = None
-    # Tokens the model saw, prefixes included: {"prompt": n, "negative_prompt": m}.
-    prompt_tokens: dict[str, int] | None = None
-    # What sampled it (`pipeline.presets`): the preset, text steps run, scheduler class name.
-    preset: str | None = None
-    steps: int | None = None
-    scheduler: str | None = None
-    images: list[ImageResult] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.images:
-            self.images = [ImageResult(self.image, self.seed, self.face_swap)]
-
-    def report(self) -> dict[str, Any]:
-        """The JSON-ready description of the result (everything but the pixels)."""
-        report: dict[str, Any] = {
-            "seed": self.seed,
-            "mode": self.mode,
-            "width": self.image.width,
-            "height": self.image.height,
-            "timings": {k: round(v, 4) for k, v in self.timings.items()},
-        }
-        if self.prompt_tokens is not None:
-            report["prompt_tokens"] = self.prompt_tokens
-        if self.preset is not None:
-            report.update(preset=self.preset, steps=self.steps, scheduler=self.scheduler)
-        if self.face_swap is not None:
-            report["face_swap"] = self.face_swap
-        return report
-
-
-class Timings(dict):
-    """Seconds per stage, in the order the stages ran."""
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - start
 
 
 def resolve_seed(request: Request) -> int:
@@ -116,7 +57,8 @@ def resolve_seed(request: Request) -> int:
 class CharacterService:
     """Holds the loaded models and runs requests, one at a time."""
 
-    def __init__(self, text_pipe: Any, face_swap: FaceSwapStage, residency: UnetSwap,
+    def __init__(self, text_pipe: StableDiffusionXLPipeline, face_swap: FaceSwapStage,
+                 residency: UnetSwap,
                  speed: dict[str, Any] | None = None,
                  warm_up_reference: Path | None = BUNDLED_WARM_UP_FACE,
                  settings: Settings | None = None):
@@ -181,45 +123,41 @@ class CharacterService:
             log.info("warm-up %s: %.2f s", stage, seconds)
         return dict(stages)
 
+    def warm_up_request(self) -> Request:
+        """The request the warm-up's face path runs: the warm-up photo as its one reference,
+        at the warm-up size and steps, failing (not flagging) when the swap does not apply."""
+        return Request(prompt=WARM_UP_PROMPT, width=WARM_UP_SIZE, height=WARM_UP_SIZE,
+                       steps=WARM_UP_STEPS, seed=0, image_path=str(self.warm_up_reference),
+                       require_face_swap=True)
+
     def _warm_up_face(self, stages: Timings) -> None:
-        from pipeline.image_input import load_reference_image
-
         stage = self.face_swap
-        image = load_reference_image(path=str(self.warm_up_reference))
-        with stages.stage("face_reference"):
-            face, reference, report = stage.identify(image, None, "", "warm-up reference")
-        if stage.picker is not None:
-            with stages.stage("picker"):
-                box = face.box
-                width = box[2] - box[0]
-                twin = (box[0] + width * 1.2, box[1], box[2] + width * 1.2, box[3])
-                stage.picker.pick(image, [box, twin], WARM_UP_DESCRIPTION, seed=0)
-        params = GenerationParams(WARM_UP_PROMPT, "", WARM_UP_SIZE, WARM_UP_SIZE, WARM_UP_STEPS,
-                                  2.0, 0)
-        with stages.stage("face_generate"):
-            stage.identity.generate(params, reference)
-        recipe = dataclasses.replace(stage.identity.recipe, steps=WARM_UP_STEPS)
-        request = Request(prompt=WARM_UP_PROMPT, require_face_swap=True)
-        with stages.stage("face_swap"):
-            stage.swap_onto(image, face, reference, request, params, Timings(),
-                            lambda _stage: None, report, recipe=recipe)
-
-    def _face_swap(self, request: Request, each: list[GenerationParams], timings: Timings,
-                   notify: Progress) -> list[tuple[Image.Image, dict[str, Any]]]:
-        """Face-swap mode: one reference through `FaceSwapStage` (as before `identities`
-        existed; a one-entry `identities` adds its entry to the report), several through
-        `MultiIdentityStage`."""
-        if len(request.references) > 1:
-            return MultiIdentityStage(self.face_swap).run_all(request, each, timings, notify)
-        outputs = self.face_swap.run_all(request, each, timings, notify)
-        if request.identities:
-            for _image, report in outputs:
-                report["identities"] = [single_identity_entry(report)]
-        return outputs
+        request = self.warm_up_request()
+        try:
+            with stages.stage("face_reference"):
+                photo = load_reference_image(path=request.image_path)
+                loaded = [stage.identify(photo, identity) for identity in request.references]
+            if stage.picker is not None:
+                with stages.stage("picker"):
+                    box = loaded[0].face.box
+                    width = box[2] - box[0]
+                    twin = (box[0] + width * 1.2, box[1], box[2] + width * 1.2, box[3])
+                    stage.picker.pick(photo, [box, twin], WARM_UP_DESCRIPTION, seed=0)
+            params = GenerationParams(request.prompt, request.negative_prompt, request.width,
+                                      request.height, request.steps, request.cfg, request.seed)
+            with stages.stage("face_generate"):
+                stage.generate(loaded, request, params)
+            # The swap goes onto the reference photo itself: its face is the target.
+            recipe = dataclasses.replace(stage.identity.recipe, steps=WARM_UP_STEPS)
+            with stages.stage("face_swap"):
+                stage.swap(photo, loaded, request, params, Timings(), no_progress, recipe=recipe)
+        except PipelineError as error:
+            raise PipelineError(f"warm-up of the face path on {self.warm_up_reference} "
+                                f"failed: {error}") from error
 
     def run(self, request: Request, progress: Progress | None = None) -> Result:
         """Run one validated request; raises pipeline errors, never returns a half result."""
-        notify = progress or (lambda _stage: None)
+        notify = progress or no_progress
         seed = resolve_seed(request)
         params = GenerationParams(request.prompt, request.negative_prompt, request.width,
                                   request.height, request.steps, request.cfg, seed)
@@ -232,7 +170,7 @@ class CharacterService:
             swapped = self.residency.seconds
             if request.wants_face_swap:
                 images = [ImageResult(image, one.seed, report) for (image, report), one in zip(
-                    self._face_swap(request, each, timings, notify), each, strict=True)]
+                    self.face_swap.run_all(request, each, timings, notify), each, strict=True)]
                 mode = "face_swap"
             else:
                 images = []
@@ -243,12 +181,9 @@ class CharacterService:
                             preset_mode(self.text_pipe, request.preset):
                         images.append(ImageResult(text_to_image(self.text_pipe, one), one.seed))
                 mode = "text"
-            first = images[0]
-            result = Result(first.image, seed, mode, dict(timings), first.face_swap,
-                            images=images)
-            result.prompt_tokens = tokens
-            result.preset, result.steps = request.preset, params.steps
-            result.scheduler = scheduler_name(self.text_pipe, request.preset)
+            result = Result(images, seed, mode, dict(timings), prompt_tokens=tokens,
+                            preset=request.preset, steps=params.steps,
+                            scheduler=scheduler_name(self.text_pipe, request.preset))
             if self.residency.seconds > swapped:
                 # Inside "generate"/"refine" already; reported apart so the cost is visible.
                 result.timings["unet_swap"] = self.residency.seconds - swapped

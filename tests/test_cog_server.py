@@ -182,3 +182,26 @@ def test_identities_through_the_cog_server(cog_server):
     first, second = outcomes[1]
     assert first["applied"] and isinstance(first["similarity"], float)
     assert second["applied"] is False and "no face left" in second["reason"]
+
+
+def test_target_index_past_the_scene_faces_through_the_cog_server(cog_server):
+    """As through the RunPod server: one reference and two with `target_index` 5 complete
+    with `applied: false` and a reason naming the field; `require_face_swap` fails with it."""
+    import json
+
+    references = [{"image_url": _reference_uri([(60, 50, 180, 200)])},
+                  {"image_url": _reference_uri([(40, 40, 200, 220)], size=(256, 256))}]
+    inputs = {"one": {"image_url": references[0]["image_url"], "target_index": 5},
+              "two": {"identities": json.dumps([references[0],
+                                                {**references[1], "target_index": 5}])}}
+    named = {"one": "`target_index` 5: the scene has ",
+             "two": "`identities[1].target_index` 5: the scene has "}
+    for name, fields in inputs.items():
+        request = {"prompt": "a knight", "width": 512, "height": 512, "steps": 2, "seed": 0,
+                   **fields}
+        body = cog_server.predict(request).json()
+        assert body["status"] == "succeeded", body.get("error")
+        report = body["output"]["face_swap"]
+        assert report["applied"] is False and named[name] in report["reason"], report
+        failed = cog_server.predict({**request, "require_face_swap": True})
+        assert named[name] in _failure_text(failed)

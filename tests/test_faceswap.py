@@ -12,7 +12,6 @@ whose scene has none; the tests then assert the outcome, never skip.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,8 +20,8 @@ from pipeline.errors import FaceSwapNotApplied, InvalidInput, NoFaceFound
 from pipeline.faces import detect_target_faces
 from pipeline.faceswap import paste_back, paste_mask
 from pipeline.generate import GenerationParams
+from pipeline.results import Timings, no_progress
 from pipeline.schema import validate_request
-from pipeline.service import Timings
 from tests.face_images import data_uri, marker_scene, noise_image
 
 FAST = {"width": 512, "height": 512, "steps": 2, "seed": 11}
@@ -50,7 +49,8 @@ def first_scene_seeds(service, reference_uri: str, tried: int = SEEDS_TRIED) -> 
     service), judged by the production target detector; fails if `tried` seeds give no pair."""
     stage = service.face_swap
     request = validate_request({"prompt": "a knight", **FAST, "image_url": reference_uri})
-    _face, reference, _report = stage.reference(request, Timings(), lambda _s: None)
+    (loaded,) = stage.load_references(request.references, Timings())
+    reference = loaded.reference
     found: dict[bool, int] = {}
     for seed in range(tried):
         params = GenerationParams(request.prompt, request.negative_prompt, request.width,
@@ -73,7 +73,7 @@ def scene_seeds(service) -> dict[bool, int]:
 
 def test_largest_reference_face_by_area_is_the_default(service):
     result = _run(service, image_url=data_uri(marker_scene((320, 240), GROUP)))
-    reference = result.face_swap["reference"]
+    reference = result.face_swap.to_json()["reference"]
     assert result.mode == "face_swap" and len(reference["faces"]) == 3
     assert (reference["chosen"], reference["picked_by"]) == (1, "largest")
     boxes = [face["box"] for face in reference["faces"]]
@@ -82,8 +82,8 @@ def test_largest_reference_face_by_area_is_the_default(service):
 
 def test_face_index_picks_another_face(service):
     result = _run(service, image_url=data_uri(marker_scene((320, 240), GROUP)), face_index=2)
-    assert (result.face_swap["reference"]["chosen"],
-            result.face_swap["reference"]["picked_by"]) == (2, "index")
+    assert (result.face_swap.to_json()["reference"]["chosen"],
+            result.face_swap.to_json()["reference"]["picked_by"]) == (2, "index")
 
 
 def test_face_index_out_of_range_names_the_field(service):
@@ -99,7 +99,7 @@ def test_no_face_in_the_reference_names_the_field(service):
 def test_no_face_in_the_scene_is_flagged_not_hidden(service, scene_seeds):
     result = _run(service, image_url=data_uri(marker_scene((256, 256), SINGLE)),
                   seed=scene_seeds[False])
-    swap = result.face_swap
+    swap = result.face_swap.to_json()
     assert swap["applied"] is False
     assert swap["reason"] == "no face found in the generated image"
     assert swap["target"]["faces"] == [] and swap["similarity"] is None
@@ -109,7 +109,7 @@ def test_no_face_in_the_scene_is_flagged_not_hidden(service, scene_seeds):
 def test_a_face_in_the_scene_is_swapped_all_the_way(service, scene_seeds):
     result = _run(service, image_url=data_uri(marker_scene((256, 256), SINGLE)),
                   seed=scene_seeds[True])
-    swap = result.face_swap
+    swap = result.face_swap.to_json()
     assert swap["applied"] is True and swap["reason"] is None
     assert isinstance(swap["similarity"], float)
     assert swap["target"]["chosen"] == 0 and len(swap["target"]["faces"]) == 1
@@ -122,7 +122,7 @@ def test_require_face_swap_turns_a_missed_swap_into_an_error(service, scene_seed
         _run(service, image_url=reference, seed=scene_seeds[False], require_face_swap=True)
     # ...and changes nothing when the scene has a face.
     done = _run(service, image_url=reference, seed=scene_seeds[True], require_face_swap=True)
-    assert done.face_swap["applied"] is True
+    assert done.face_swap.applied is True
 
 
 def test_every_identity_stage_gets_the_chosen_reference_face(service, monkeypatch):
@@ -143,30 +143,31 @@ def test_every_identity_stage_gets_the_chosen_reference_face(service, monkeypatc
     stage = service.face_swap
     request = validate_request({"prompt": "a knight", **FAST, "face_index": 2,
                                 "image_url": data_uri(marker_scene((320, 240), GROUP))})
-    face, reference, report = stage.reference(request, Timings(), lambda _s: None)
-    assert report["reference"]["chosen"] == 2
+    loaded = stage.load_references(request.references, Timings())
+    reference = loaded[0].reference
+    assert loaded[0].found.chosen == 2
     scene = marker_scene((512, 512), [(180, 150, 330, 340)], seed=3)
     params = GenerationParams("a knight", "", 512, 512, 2, 2.0, 11)
-    stage.identity.generate(params, reference)
-    final = stage.swap_onto(scene, face, reference, request, params, Timings(), lambda _s: None,
-                            report)
+    stage.generate(loaded, request, params)
+    final, swapped = stage.swap(scene, loaded, request, params, Timings(), no_progress)
+    report = swapped.to_json()
     assert [name for name, _ in seen] == ["generate", "refine"]
-    assert all(ref is reference for _, ref in seen)
+    assert seen[0][1][0] is reference and seen[1][1] is reference
     assert report["applied"] is True and isinstance(report["similarity"], float)
     assert report["target"]["chosen"] == 0 and len(report["target"]["faces"]) == 1
     assert final.size == scene.size and final.tobytes() != scene.tobytes()
 
 
-def test_swap_onto_a_scene_leaves_pixels_outside_the_crop_unchanged(service):
+def test_a_swap_leaves_pixels_outside_the_crop_unchanged(service):
     stage = service.face_swap
     request = validate_request({"prompt": "a knight", **FAST,
                                 "image_url": data_uri(marker_scene((256, 256),
                                                                    [(60, 60, 180, 200)]))})
-    face, reference, report = stage.reference(request, Timings(), lambda _s: None)
+    loaded = stage.load_references(request.references, Timings())
     scene = marker_scene((512, 512), [(200, 200, 280, 290)], seed=5)
     params = GenerationParams("a knight", "", 512, 512, 2, 2.0, 11)
-    final = np.asarray(stage.swap_onto(scene, face, reference, request, params, Timings(),
-                                       lambda _s: None, report))
+    final, swapped = stage.swap(scene, loaded, request, params, Timings(), no_progress)
+    final, report = np.asarray(final), swapped.to_json()
     from pipeline.faces import crop_box
 
     left, top, right, bottom = crop_box(tuple(report["target"]["faces"][0]["box"]), scene.size)
@@ -200,7 +201,7 @@ def test_face_request_does_not_change_the_next_text_request(service, scene_seeds
     # A swap applied all the way: every stage (both UNets, the shared VAE) has run.
     swapped = _run(service, image_url=data_uri(marker_scene((256, 256), SINGLE)),
                    seed=scene_seeds[True])
-    assert swapped.face_swap["applied"] is True
+    assert swapped.face_swap.applied is True
     after = service.run(validate_request(text)).image.tobytes()
     assert alone == after
 
@@ -210,9 +211,9 @@ def test_face_swap_is_deterministic(service, scene_seeds):
     reference = data_uri(marker_scene((256, 256), SINGLE))
     first = _run(service, image_url=reference, seed=scene_seeds[True])
     again = _run(service, image_url=reference, seed=scene_seeds[True])
-    assert first.face_swap["applied"] is True
+    assert first.face_swap.applied is True
     assert first.image.tobytes() == again.image.tobytes()
-    assert first.face_swap["similarity"] == again.face_swap["similarity"]
+    assert first.face_swap.to_json()["similarity"] == again.face_swap.to_json()["similarity"]
 
 
 def test_changing_only_the_reference_face_changes_the_output(service):
@@ -229,19 +230,24 @@ def test_target_index_picks_another_face_in_the_scene(service):
     scene = marker_scene((512, 512), [(40, 150, 160, 300), (300, 120, 470, 330)], seed=4)
     params = GenerationParams("a knight", "", 512, 512, 2, 2.0, 11)
     outcomes = {}
-    for target_index in (None, 0):
+    for target_index in (None, 0, 2):
         request = validate_request({"prompt": "a knight", **FAST, "image_url": reference_uri,
                                     "target_index": target_index})
-        face, reference, report = stage.reference(request, Timings(), lambda _s: None)
-        stage.swap_onto(scene, face, reference, request, params, Timings(), lambda _s: None,
-                        report)
-        outcomes[target_index] = report["target"]
-    assert len(outcomes[None]["faces"]) == 2
-    assert (outcomes[None]["chosen"], outcomes[None]["picked_by"]) == (1, "largest")
-    assert (outcomes[0]["chosen"], outcomes[0]["picked_by"]) == (0, "index")
+        loaded = stage.load_references(request.references, Timings())
+        final, report = stage.swap(scene, loaded, request, params, Timings(), no_progress)
+        outcomes[target_index] = (final, report.to_json())
+    chosen = {key: (report["target"]["chosen"], report["target"]["picked_by"])
+              for key, (_final, report) in outcomes.items()}
+    assert len(outcomes[None][1]["target"]["faces"]) == 2
+    assert chosen[None] == (1, "largest") and chosen[0] == (0, "index")
+    # Past the scene's faces: not applied, the reason names the field and the count found.
+    final, report = outcomes[2]
+    assert chosen[2] == (None, None) and report["applied"] is False
+    assert report["reason"] == "`target_index` 2: the scene has 2 faces"
+    assert report["similarity"] is None and "refine" not in report
+    assert final.tobytes() == scene.tobytes()
     request = validate_request({"prompt": "a knight", **FAST, "image_url": reference_uri,
-                                "target_index": 2})
-    face, reference, report = stage.reference(request, Timings(), lambda _s: None)
-    with pytest.raises(InvalidInput, match="`target_index`"):
-        stage.swap_onto(scene, face, reference, request, params, Timings(), lambda _s: None,
-                        report)
+                                "target_index": 2, "require_face_swap": True})
+    loaded = stage.load_references(request.references, Timings())
+    with pytest.raises(FaceSwapNotApplied, match="`target_index` 2: the scene has 2 faces"):
+        stage.swap(scene, loaded, request, params, Timings(), no_progress)

@@ -6,31 +6,24 @@ region (`twins.markers`: the masked Plus Face tokens carry the layout down to th
 decoder), unless its full-frame marker fires (about half the seeds: one face). Generated scenes
 are checked here and through both servers; the swap of several identities onto faces of chosen
 sizes runs on drawn marker scenes (`tests/face_images.marker_scene`) through
-`MultiIdentityStage.swap_all`, the stage the service runs after generation.
+`FaceSwapStage.swap`, the stage the service runs after generation (for one reference too).
 """
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.errors import FaceSwapNotApplied, InvalidInput
 from pipeline.faces import detect_target_faces, face_mask
 from pipeline.generate import GenerationParams, text_to_image
-from pipeline.identities import (
-    MultiIdentityStage,
-    assign_targets,
-    disjoint_masks,
-    region_order,
-)
 from pipeline.identity import identity_regions, ip_adapter_masks
+from pipeline.results import FacesFound, IdentityOutcome, Timings, no_progress
 from pipeline.schema import Identity, validate_request
-from pipeline.service import Timings
-from twins.markers import decoder_paints_marker, decoder_paints_regions
+from pipeline.targets import assign_targets, disjoint_masks, region_order
 from tests.face_images import data_uri, marker_scene
+from twins.markers import decoder_paints_marker, decoder_paints_regions
 
 SIZE = 512
 FAST = {"width": SIZE, "height": SIZE, "steps": 2}
@@ -52,7 +45,7 @@ def service(predictor):
 
 @pytest.fixture(scope="module")
 def stage(service):
-    return MultiIdentityStage(service.face_swap)
+    return service.face_swap
 
 
 def _request(**fields):
@@ -60,7 +53,7 @@ def _request(**fields):
 
 
 def _loaded(service, request):
-    return MultiIdentityStage(service.face_swap).load_all(request, Timings())
+    return service.face_swap.load_references(request.references, Timings())
 
 
 def _scene():
@@ -70,8 +63,9 @@ def _scene():
 def _swap(service, stage, identities, scene=None, **fields):
     request = _request(identities=identities, **fields)
     params = GenerationParams("two knights", "", SIZE, SIZE, 2, 2.0, 3)
-    return stage.swap_all(scene or _scene(), _loaded(service, request), request, params,
-                          Timings(), lambda _stage: None)
+    final, report = stage.swap(scene or _scene(), _loaded(service, request), request, params,
+                               Timings(), no_progress)
+    return final, report.to_json()
 
 
 # ------------------------------------------------------------------------------ validation
@@ -250,11 +244,11 @@ def test_one_entry_in_identities_renders_the_image_url_request_byte_for_byte(ser
     shorthand = service.run(_request(image_url=REF_A))
     listed = service.run(_request(identities=[{"image_url": REF_A}]))
     assert listed.image.tobytes() == shorthand.image.tobytes()
-    report = listed.face_swap
-    assert {k: v for k, v in report.items() if k != "identities"} == shorthand.face_swap
+    report = listed.face_swap.to_json()
+    assert {k: v for k, v in report.items() if k != "identities"} == shorthand.face_swap.to_json()
     (entry,) = report["identities"]
     assert entry["applied"] == report["applied"] and entry["similarity"] == report["similarity"]
-    assert "identities" not in shorthand.face_swap
+    assert "identities" not in shorthand.face_swap.to_json()
 
 
 # ------------------------------------------------------------------------------ the swap
@@ -355,23 +349,23 @@ def test_identities_without_a_face_are_flagged_not_dropped(service, stage):
                           scene=one_face)
     first, second = report["identities"]
     assert first["applied"] is True and second["applied"] is False
-    assert second["reason"] == ("no face left for this identity: the generated image holds 1 "
-                                "for 2 identities")
+    assert second["reason"] == "no face left for this identity: the scene has 1 face for 2 identities"
     assert second["similarity"] is None and second["target"] is None
     assert report["applied"] is False and report["reason"].startswith("identities[1]: ")
     _final, named = _swap(service, stage, [{"image_url": REF_A},
                                            {"image_url": REF_B, "target_index": 3}],
                           scene=one_face)
-    assert named["identities"][1]["reason"] == ("target_index 3 names no face: the generated "
-                                                "image holds 1")
+    assert named["identities"][1]["reason"] == "`identities[1].target_index` 3: the scene has 1 face"
+    assert named["reason"] == "`identities[1].target_index` 3: the scene has 1 face"
     with pytest.raises(FaceSwapNotApplied, match="identities\\[1\\]"):
         _swap(service, stage, [{"image_url": REF_A}, {"image_url": REF_B}], scene=one_face,
               require_face_swap=True)
 
 
-def test_identities_two_on_one_described_face_are_refused_naming_both(service):
+def test_identities_two_on_one_described_face_flag_the_second_naming_both(service):
     """Three descriptions over two faces: two of them pick the same face (pigeonhole), found
-    with the real picker twin; given to two identities, the request is refused naming both."""
+    with the real picker twin; given to two identities, the first gets the face and the second
+    is not applied, its reason naming its field, the other identity and the faces found."""
     scene, stage = _scene(), service.face_swap
     assert stage.picker is not None
     targets = detect_target_faces(stage.faces, scene)
@@ -382,11 +376,14 @@ def test_identities_two_on_one_described_face_are_refused_naming_both(service):
                          if picks[i] == picks[j])
     identities = [Identity("a", target_description=descriptions[first], field="identities[0]."),
                   Identity("b", target_description=descriptions[second], field="identities[1].")]
-    with pytest.raises(InvalidInput) as refused:
-        assign_targets(stage, scene, targets, identities)
-    message = str(refused.value)
-    assert "`identities[1].target_description`" in message
-    assert "`identities[0].target_description`" in message
+    outcomes = [IdentityOutcome(FacesFound(), one.field) for one in identities]
+    assign_targets(stage.picker, scene, targets, identities, outcomes)
+    assert outcomes[0].target == picks[first] and outcomes[0].reason is None
+    assert outcomes[1].target is None
+    message = outcomes[1].reason
+    assert message.startswith(f"`identities[1].target_description` chose scene face "
+                              f"{picks[first]}")
+    assert "identities[0] already holds" in message and "the scene has 2 faces" in message
 
 
 def test_disjoint_masks_give_shared_pixels_to_neither():

@@ -12,8 +12,7 @@ import pytest
 
 from pipeline.errors import InvalidInput
 from pipeline.schema import MAX_OUTPUTS, MAX_SEED, validate_request
-from tests.face_images import marker_scene
-from tests.face_images import data_uri
+from tests.face_images import data_uri, marker_scene
 
 FAST = {"width": 512, "height": 512, "steps": 2}
 SEED_PAIRS_TRIED = 8
@@ -155,7 +154,7 @@ def test_face_mode_analyses_the_reference_and_encodes_the_prompt_once(predictor)
     assert two["text_encoder"] == one["text_encoder"] > 0
     result = runs[2][1]
     assert [image.seed for image in result.images] == [3, 4] and result.mode == "face_swap"
-    reports = [image.face_swap for image in result.images]
-    assert reports[0] is not reports[1]
+    assert result.images[0].face_swap is not result.images[1].face_swap
+    reports = [image.face_swap.to_json() for image in result.images]
     assert all(report["reference"]["picked_by"] for report in reports)
-    assert reports[0]["reference"] == runs[1][1].face_swap["reference"]
+    assert reports[0]["reference"] == runs[1][1].face_swap.to_json()["reference"]

@@ -106,7 +106,7 @@ def test_fast_text_runs_eight_steps_with_the_lora_on(service):
     with watching(unet, layer) as seen:
         result = service.run(validate_request({"prompt": "a knight", "seed": 3,
                                                "preset": "fast", **SMALL}))
-    report = result.report()
+    report = result.to_json()
     assert (report["preset"], report["steps"], report["scheduler"]) == (
         "fast", 8, "DDIMScheduler")
     assert len(seen) == 8  # one UNet pass per step (CFG in one batch of 2)
@@ -114,7 +114,7 @@ def test_fast_text_runs_eight_steps_with_the_lora_on(service):
     assert service.text_pipe.scheduler is scheduler  # restored, same object
     with watching(unet, layer) as seen:
         quality = service.run(validate_request({"prompt": "a knight", "seed": 3, "steps": 2,
-                                                **SMALL})).report()
+                                                **SMALL})).to_json()
     assert (quality["preset"], quality["steps"], quality["scheduler"]) == (
         "quality", 2, "DPMSolverMultistepScheduler")
     assert len(seen) == 2 and not any(enabled for _, enabled, _ in seen)
@@ -150,20 +150,20 @@ def test_fast_face_request_runs_both_loras_and_fewer_refine_steps(service):
             result = service.run(validate_request({"prompt": "a knight", "seed": seed,
                                                    "preset": "fast", "image_url": reference,
                                                    **SMALL}))
-        assert (result.report()["preset"], result.report()["steps"]) == ("fast", 8)
+        assert (result.to_json()["preset"], result.to_json()["steps"]) == ("fast", 8)
         assert len(generation) == 8
         for active, enabled, scaling in generation:
             assert active == sorted([FAST_ADAPTER, FACEID_LORA_ADAPTER]) and enabled
             assert scaling[FACEID_LORA_ADAPTER] == pytest.approx(
                 FACEID_LORA_SCALE * both.lora_alpha[FACEID_LORA_ADAPTER]
                 / both.r[FACEID_LORA_ADAPTER])
-        if result.face_swap["applied"]:
+        if result.face_swap.applied:
             applied = result
             assert len(refine) == 5
             assert all(active == [FAST_ADAPTER] and enabled for active, enabled, _ in refine)
             break
     assert applied is not None, "no seed in 0..15 gave the twin scene a face"
-    assert applied.face_swap["refine"] == {"steps": 5, "denoise": 0.6, "schedule_steps": 8}
+    assert applied.face_swap.to_json()["refine"] == {"steps": 5, "denoise": 0.6, "schedule_steps": 8}
     # Back to quality: every LoRA off again on both pipes.
     assert both.disable_adapters and refine_layer.disable_adapters
 

@@ -190,7 +190,7 @@ def test_prompt_tokens_are_reported(predictor, monkeypatch):
                 "negative_prompt": count_tokens(text_pipe, NEGATIVE_PREFIX + "blurry")}
     assert expected["prompt"] > count_tokens(text_pipe, "a knight")  # the prefix counts
     request = validate_request({"prompt": "a knight", "negative_prompt": "blurry", **FAST})
-    assert predictor.service.run(request).report()["prompt_tokens"] == expected
+    assert predictor.service.run(request).to_json()["prompt_tokens"] == expected
     monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
     answer = runpod_adapter.handler({"id": "j", "input": {
         "prompt": "a knight", "negative_prompt": "blurry", **FAST}})

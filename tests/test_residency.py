@@ -18,8 +18,7 @@ from pipeline.errors import SettingsError
 from pipeline.residency import SWAP_ENV, UnetSwap, swap_wanted
 from pipeline.schema import validate_request
 from pipeline.settings import Settings
-from tests.face_images import marker_scene
-from tests.face_images import data_uri
+from tests.face_images import data_uri, marker_scene
 
 CPU = Runtime(torch.device("cpu"), torch.float32)
 
@@ -112,7 +111,7 @@ def test_swapping_service_renders_what_the_resident_one_renders(predictor, tiny_
         request = validate_request({**base, "seed": seed, "image_url": reference})
         swapped, kept = swapping.run(request), resident.run(request)
         assert np.array_equal(np.asarray(swapped.image), np.asarray(kept.image)), seed
-        if swapped.face_swap["applied"]:
+        if swapped.face_swap.applied:
             refined += 1
             assert swapping.residency.active == "refine"
             assert swapped.timings["unet_swap"] > 0

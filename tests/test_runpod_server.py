@@ -107,3 +107,26 @@ def test_identities_through_the_runpod_server(runpod_server):
     assert [c["identity"] for c in first["cross_similarity"]] == [1]
     assert second["applied"] is False and "no face left" in second["reason"]
     assert one_face["applied"] is False and one_face["reason"].startswith("identities[1]: ")
+
+
+def test_target_index_past_the_scene_faces_through_the_runpod_server(runpod_server):
+    """One rule for one reference as for two: `target_index` 5 on a generated scene (at most
+    two faces on the twins) completes with `applied: false` and a reason naming the field and
+    the count; under `require_face_swap` the job fails with that message."""
+    references = [{"image_url": _identities_reference([(60, 60, 180, 200)], 1)},
+                  {"image_url": _identities_reference([(40, 50, 200, 210)], 2)}]
+    jobs = {"one": {"image_url": references[0]["image_url"], "target_index": 5},
+            "two": {"identities": [references[0], {**references[1], "target_index": 5}]}}
+    named = {"one": "`target_index` 5: the scene has ",
+             "two": "`identities[1].target_index` 5: the scene has "}
+    for name, fields in jobs.items():
+        job = {"prompt": "a knight", "width": 512, "height": 512, "steps": 2, "seed": 0,
+               **fields}
+        done = runpod_server.runsync({"input": job})
+        assert done["status"] == "COMPLETED", done
+        report = done["output"]["face_swap"]
+        assert report["applied"] is False and named[name] in report["reason"], report
+        entry = report["identities"][-1] if name == "two" else report
+        assert entry["applied"] is False and entry["reason"].startswith(named[name])
+        failed = runpod_server.runsync({"input": {**job, "require_face_swap": True}})
+        assert failed["status"] == "FAILED" and named[name] in str(failed["error"]), failed

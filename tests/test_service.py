@@ -12,8 +12,7 @@ from pipeline.errors import InvalidInput
 from pipeline.schema import validate_request
 from pipeline.service import BUNDLED_WARM_UP_FACE, CharacterService
 from pipeline.settings import Settings
-from tests.face_images import marker_scene
-from tests.face_images import data_uri
+from tests.face_images import data_uri, marker_scene
 
 FAST = {"width": 512, "height": 512, "steps": 2}
 
@@ -32,7 +31,7 @@ def test_settings_reach_the_service(service, tiny_weights):
 
 def test_text_request_reports_seed_mode_tokens_and_timings(service):
     result = service.run(validate_request({"prompt": "a knight", "seed": 4, **FAST}))
-    report = result.report()
+    report = result.to_json()
     assert (report["seed"], report["mode"], report["width"], report["height"]) == (
         4, "text", 512, 512)
     assert report["prompt_tokens"]["prompt"] > 0 and report["timings"]["generate"] > 0
@@ -47,13 +46,13 @@ def test_face_request_reports_the_refine_it_ran(service):
         result = service.run(validate_request({"prompt": "a knight", "seed": seed,
                                                "image_url": reference, **FAST}))
         assert result.mode == "face_swap"
-        if result.face_swap["applied"]:
+        if result.face_swap.applied:
             applied = result
             break
     assert applied is not None, "no seed in 0..11 gave the twin scene a face"
-    refine = applied.face_swap["refine"]
+    refine = applied.face_swap.to_json()["refine"]
     assert refine == {"steps": 20, "denoise": 0.6, "schedule_steps": 33}
-    assert applied.face_swap["similarity"] is not None
+    assert applied.face_swap.to_json()["similarity"] is not None
 
 
 def test_a_reference_without_a_face_is_refused(service):

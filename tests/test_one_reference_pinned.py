@@ -1,0 +1,23 @@
+"""One reference through the one face-swap path answers as the two-path code did (issue 20).
+
+`tests/golden/one_reference.json` holds RunPod responses to one-reference jobs (`image_url`
+and a one-entry `identities`, scenes with and without a face), written by
+`python -m tests.golden_responses` on the code before the merge (668b81f), timings dropped
+and each image as its sha256. The same jobs through today's handler must give the same
+responses, key for key and byte for byte, images included.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.golden_responses import PINNED, cases, responses
+
+
+def test_one_reference_responses_match_the_pinned_ones(worker):
+    pinned = json.loads(PINNED.read_text())
+    assert set(pinned) == set(cases())
+    # The pins hold both outcomes, or they would not guard the merge.
+    outcomes = {answer["face_swap"]["applied"] for answer in pinned.values()}
+    assert outcomes == {True, False}
+    assert responses(worker) == pinned
