@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from cog import BaseModel, BasePredictor, Input, Path
 
+from pipeline.cancel import CancelToken
 from pipeline.cog_inputs import UPLOAD_DESCRIPTION, is_omitted, payload_from_cog
 from pipeline.output import encode_image
 from pipeline.results import Progress, Result
@@ -26,6 +29,9 @@ from pipeline.schema import (
 )
 from pipeline.service import CharacterService
 from pipeline.settings import Settings, set_offline_defaults
+
+# How often the waiting predict thread gives Cog's cancel a bytecode to land on.
+CANCEL_POLL_S = 0.05
 
 
 class Output(BaseModel):
@@ -59,10 +65,40 @@ class Predictor(BasePredictor):
         self.warm_up_stages = self.service.warm_up()
         self.warm_up_seconds = sum(self.warm_up_stages.values())
         self._output_dir = Path(tempfile.mkdtemp(prefix="cog-output-"))
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-prediction")
 
-    def generate(self, request: Request, progress: Progress | None = None) -> Result:
-        """Run a validated request (the entry point the RunPod adapter shares)."""
-        return self.service.run(request, progress)
+    def generate(self, request: Request, progress: Progress | None = None,
+                 token: CancelToken | None = None) -> Result:
+        """Run a validated request on the calling thread (the entry point the RunPod adapter
+        shares); `token` stops it."""
+        return self.service.run(request, progress, token)
+
+    def healthcheck(self) -> bool:
+        """Cog's health hook (`/health-check` says UNHEALTHY when False): False once a request
+        left the shared model state unlike start-up; the orchestrator should replace this
+        worker (requests are refused meanwhile)."""
+        return self.service.state.trusted
+
+    def _generate_stoppable(self, request: Request) -> Result:
+        """`generate` on the GPU thread while this (Cog's predict) thread waits in short
+        slices: Cog's cancel arrives here as `CancelationException` (a BaseException raised at
+        the next bytecode), sets the token, and the request stops after its sampler step in
+        flight, its restores running undisturbed on the GPU thread; the cancel then goes on
+        to Cog, which reports the prediction `canceled`."""
+        token = CancelToken()
+        running = self._gpu.submit(self.generate, request, None, token)
+        try:
+            return _wait(running)
+        except BaseException:
+            if running.done():  # the request's own error
+                raise
+            token.cancel("the prediction was cancelled")
+            while not running.done():
+                try:
+                    _wait(running)
+                except BaseException:  # noqa: BLE001, S112 - a 2nd cancel: wait on
+                    continue
+            raise
 
     def predict(
         self,
@@ -98,7 +134,7 @@ class Predictor(BasePredictor):
         })
         upload = None if image is None or is_omitted(image) else str(image)
         request = validate_request(payload, upload=upload)
-        result = self.generate(request)
+        result = self._generate_stoppable(request)
         return self._output(result, request)
 
     def _output(self, result: Result, request: Request) -> Output:
@@ -114,3 +150,12 @@ class Predictor(BasePredictor):
             path.write_bytes(encode_image(one.image, fmt, request.output.quality))
             paths.append(Path(path))
         return Output(image=paths[0], images=paths, **result.to_json())
+
+
+def _wait(running: Future[Result]) -> Result:
+    """The future's result, waited for in slices short enough for Cog's cancel to land."""
+    while True:
+        try:
+            return running.result(timeout=CANCEL_POLL_S)
+        except FutureTimeout:
+            continue

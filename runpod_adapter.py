@@ -17,10 +17,13 @@ Run locally: `python runpod_adapter.py --test_input '{"input": {"prompt": "..."}
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from pipeline.cancel import CancelToken
 from pipeline.device import is_out_of_memory
 from pipeline.errors import PipelineError
 from pipeline.output import check_response_estimate, encode_all
@@ -77,16 +80,18 @@ def _image_entry(index: int, one: ImageResult, entry: dict) -> dict:
     return fields
 
 
-def handler(job: dict) -> dict:
-    """RunPod handler: `{"id", "input"}` in, a JSON dict out (or `{"error": ...}`)."""
+def run_job(job: dict, token: CancelToken | None = None) -> dict:
+    """One job, start to answer, on the calling thread: `{"id", "input"}` in, a JSON dict out
+    (or `{"error": ...}`); `token` stops it (`pipeline.cancel`)."""
     started = time.perf_counter()
+    predictor = None
     try:
         predictor = get_predictor()
         settings = predictor.settings  # read once, at start-up
         # The volume folder is resolved here too: an escape is refused before any GPU work.
         request = validate_request(job.get("input"), volume_root=settings.volume_root)
         uploader = _refuse_early(request, settings)  # before any GPU work
-        result = predictor.generate(request, _progress_reporter(job, settings))
+        result = predictor.generate(request, _progress_reporter(job, settings), token)
         encode_started = time.perf_counter()
         entries = encode_all([(one.image, one.seed) for one in result.images], request.output,
                              volume_root=settings.volume_root,
@@ -105,14 +110,48 @@ def handler(job: dict) -> dict:
         return answer
     except PipelineError as error:
         log.info("job %s refused: %s", job.get("id"), error)
-        return {"error": str(error)}
+        return _failure(str(error), predictor)
     except Exception as error:  # the worker must survive every job
         log.exception("job %s failed", job.get("id"))
-        answer = {"error": f"generation failed: {type(error).__name__}: {error}"}
         if is_out_of_memory(error):
-            answer["error"] = f"GPU out of memory: {error}"
-            answer["refresh_worker"] = True
-        return answer
+            return _failure(f"GPU out of memory: {error}", predictor, refresh=True)
+        return _failure(f"generation failed: {type(error).__name__}: {error}", predictor)
+
+
+def _failure(message: str, predictor: Any, refresh: bool = False) -> dict:
+    """`{"error": ...}`, asking RunPod for a fresh worker (`refresh_worker`) when the GPU or
+    the shared model state is in doubt."""
+    answer: dict[str, Any] = {"error": message}
+    if refresh or (predictor is not None and not predictor.service.state.trusted):
+        answer["refresh_worker"] = True
+    return answer
+
+
+# The GPU's one thread: jobs run here, so the SDK's event loop stays free to hear a stop.
+_GPU = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-job")
+
+
+async def handler(job: dict) -> dict:
+    """RunPod handler: `run_job` on the GPU thread. A stop signal for the job (a cancel, or
+    the endpoint's execution timeout: runpod-python cancels the job's task) sets the job's
+    token; the handler then waits for the thread to finish (a new job never starts on a GPU
+    still busy with this one) and lets the cancellation through: RunPod posts no result for a
+    stopped job, the platform has already marked it CANCELLED or TIMED_OUT."""
+    token = CancelToken()
+    running = asyncio.get_running_loop().run_in_executor(_GPU, run_job, job, token)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        token.cancel("the job was stopped (RunPod cancel or execution timeout)")
+        log.info("job %s: stop signal; waiting for the GPU thread", job.get("id"))
+        while not running.done():
+            try:
+                await asyncio.shield(running)
+            except asyncio.CancelledError:  # another stop signal for the same job
+                continue
+        log.info("job %s stopped after %d sampler steps (%d after the stop)", job.get("id"),
+                 token.steps, token.steps_after_stop)
+        raise
 
 
 def main() -> None:

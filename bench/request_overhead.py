@@ -107,7 +107,7 @@ def request_table(repeat: int, weights: Path) -> dict[str, dict]:
         rows[f"{mode}: predictor.generate 832x1216"] = path_row(
             lambda r=request: predictor.generate(r).timings, repeat)
         rows[f"{mode}: RunPod handler 832x1216"] = path_row(
-            lambda p=payload: runpod_adapter.handler({"id": "bench", "input": p})["timings"],
+            lambda p=payload: runpod_adapter.run_job({"id": "bench", "input": p})["timings"],
             repeat)
     from scripts.local_servers import CogServer
 

@@ -34,6 +34,24 @@ class FaceSwapNotApplied(PipelineError):
     """The swap could not be applied and the request asked for it to be required."""
 
 
+class Cancelled(PipelineError):
+    """The request was stopped (cancel, execution timeout, `PIPELINE_JOB_TIMEOUT_S`) and ended
+    at the next check (`pipeline.cancel`); shared model state was restored on the way out."""
+
+    def __init__(self, reason: str, *, where: str = "", steps: int = 0,
+                 steps_after_stop: int = 0):
+        self.reason, self.where = reason, where
+        self.steps, self.steps_after_stop = steps, steps_after_stop
+        at = f" during {where}" if where else ""
+        super().__init__(f"stopped{at}: {reason} ({steps} sampler steps ran, "
+                         f"{steps_after_stop} after the stop)")
+
+
+class WorkerUntrusted(PipelineError):
+    """A restore of shared model state was cut short (`pipeline.shared_state`): this worker's
+    output could differ from a fresh one's, so it refuses requests until it is replaced."""
+
+
 class WeightsMissing(PipelineError):
     """Model files are absent, truncated or do not match the lock."""
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter
 
+from pipeline import cancel
 from pipeline import faces as face_ops
 from pipeline.errors import FaceSwapNotApplied, InvalidInput, NoFaceFound
 from pipeline.generate import GenerationParams
@@ -141,6 +142,7 @@ class FaceSwapStage:
         """Every reference's stage (fetch, face choice, embeddings), in request order."""
         loaded = []
         for identity in identities:
+            cancel.check("reference")
             with timings.stage("reference"):
                 image = load_reference_image(url=identity.image_url, path=identity.image_path,
                                              url_field=identity.image_field)
@@ -164,6 +166,7 @@ class FaceSwapStage:
         loaded = self.load_references(request.references, timings)
         scenes = []
         for number, params in enumerate(params_each):
+            cancel.check("generate")
             notify("generating" if len(params_each) == 1
                    else f"generating image {number + 1} of {len(params_each)}")
             with timings.stage("generate"):
@@ -177,6 +180,7 @@ class FaceSwapStage:
         """Place every reference on its own face of `scene`: refine, paste back, score; the
         report has one outcome per reference, in request order (never a silent no-op).
         `recipe` replaces the identity models' refine recipe (the warm-up's short one)."""
+        cancel.check("face swap")
         notify("finding the faces in the scene")
         with timings.stage("detect_target"):
             targets = face_ops.detect_target_faces(self.faces, scene)

@@ -9,14 +9,17 @@ for byte on the CPU).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
+from pipeline.cancel import step_callback
 from pipeline.device import Runtime
 from pipeline.prompts import encode_prompts, prompt_encoder
 
@@ -78,13 +81,28 @@ def load_text_pipeline(checkpoint: Path, config_dir: Path,
     return pipe.to(runtime.device)
 
 
+@contextmanager
+def vae_dtype_kept(pipe: DiffusionPipeline) -> Iterator[None]:
+    """Give the (shared) VAE its dtype back however the block ends: diffusers' SDXL pipelines
+    upcast an fp16 VAE with `force_upcast` to fp32 around `vae.decode` (and the inpaint one
+    around encoding) without a `finally`, so an exception or a stop inside would leave it fp32
+    and every later fp16 decode would fail."""
+    dtype = pipe.vae.dtype
+    try:
+        yield
+    finally:
+        if pipe.vae.dtype != dtype:
+            pipe.vae.to(dtype=dtype)
+
+
 def text_to_image(pipe: StableDiffusionXLPipeline, params: GenerationParams,
-                  **pipeline_kwargs: Any) -> Image.Image:
+                  where: str = "generate", **pipeline_kwargs: Any) -> Image.Image:
     """One SDXL generation. `pipeline_kwargs` carries the identity stage's extras
     (`ip_adapter_image_embeds`, ...); without them this is text mode. The prompts reach the
-    pipeline as embeddings (`pipeline.prompts`: weighted, never cut)."""
+    pipeline as embeddings (`pipeline.prompts`: weighted, never cut). A stop of the request
+    (`pipeline.cancel`) ends it after the sampler step in flight; `where` names the stage."""
     prompt, negative = recipe_prompts(params.prompt, params.negative_prompt)
-    with torch.inference_mode():
+    with torch.inference_mode(), vae_dtype_kept(pipe):
         embeds = encode_prompts(pipe, prompt, negative)
         result = pipe(
             **embeds.pipeline_kwargs(),
@@ -94,6 +112,7 @@ def text_to_image(pipe: StableDiffusionXLPipeline, params: GenerationParams,
             guidance_scale=params.cfg,
             generator=seeded_generator(params.seed),
             output_type="pil",
+            callback_on_step_end=step_callback(where),
             **pipeline_kwargs,
         )
     return result.images[0]

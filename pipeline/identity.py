@@ -276,7 +276,7 @@ class IdentityModels:
                 masks = masks.to(device=unet.device, dtype=unet.dtype)
                 kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": [masks] * len(embeds)}
             with identity_priors(self.text_pipe, self.adapters, scales, clip, extra_lora):
-                return text_to_image(self.text_pipe, params, **kwargs)
+                return text_to_image(self.text_pipe, params, "identity generate", **kwargs)
 
     def refine(self, crop: Image.Image, mask: Image.Image, target_keypoints: np.ndarray,
                reference: ReferenceIdentity, params: GenerationParams, seed: int | None = None,

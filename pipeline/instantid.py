@@ -29,10 +29,17 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
 from PIL import Image, ImageDraw
 
+from pipeline.cancel import step_callback
 from pipeline.convert import ComponentCache, load_converted_components, pipeline_options
 from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError, shorten
-from pipeline.generate import GenerationParams, recipe_prompts, recipe_scheduler, seeded_generator
+from pipeline.generate import (
+    GenerationParams,
+    recipe_prompts,
+    recipe_scheduler,
+    seeded_generator,
+    vae_dtype_kept,
+)
 from pipeline.layout import Layout
 from pipeline.prompts import encode_prompts
 
@@ -249,39 +256,35 @@ def refine_crop(pipe: StableDiffusionXLControlNetInpaintPipeline, crop: Image.Im
     pipe.set_ip_adapter_scale(adapter_scale)
     schedule_steps, strength = comfy_schedule(recipe.steps, recipe.denoise)
     steps_run = [0]
+    stop_check = step_callback("refine")
 
-    def count_step(_pipe: Any, _index: int, _timestep: Any, kwargs: dict) -> dict:
+    def count_step(_pipe: Any, index: int, timestep: Any, kwargs: dict) -> dict:
         steps_run[0] += 1
-        return kwargs
+        return stop_check(_pipe, index, timestep, kwargs)
 
-    vae_dtype = pipe.vae.dtype
-    try:
-        with torch.inference_mode():
-            # The same Resampler output the UNet's adapter attends to (batch x 16 x width).
-            tokens = projection(embeds.flatten(0, 1))
-            prompt_embeds = encode_prompts(pipe, prompt, negative)
-            with pipe.controlnet.identity_tokens(tokens):
-                result = pipe(
-                    **prompt_embeds.pipeline_kwargs(),
-                    image=image,
-                    mask_image=work_mask,
-                    control_image=control,
-                    width=work_w,
-                    height=work_h,
-                    strength=strength,
-                    num_inference_steps=schedule_steps,
-                    guidance_scale=recipe.cfg,
-                    controlnet_conditioning_scale=controlnet_scale,
-                    ip_adapter_image_embeds=[embeds],
-                    generator=seeded_generator(seed),
-                    output_type="pil",
-                    callback_on_step_end=count_step,
-                )
-    finally:
-        # diffusers' ControlNet-inpaint pipeline upcasts an fp16 VAE with `force_upcast` to fp32
-        # for encoding and never casts it back; the text pipe shares this VAE.
-        if pipe.vae.dtype != vae_dtype:
-            pipe.vae.to(dtype=vae_dtype)
+    # diffusers' ControlNet-inpaint pipeline upcasts an fp16 VAE with `force_upcast` to fp32
+    # for encoding and never casts it back; the text pipe shares this VAE.
+    with vae_dtype_kept(pipe), torch.inference_mode():
+        # The same Resampler output the UNet's adapter attends to (batch x 16 x width).
+        tokens = projection(embeds.flatten(0, 1))
+        prompt_embeds = encode_prompts(pipe, prompt, negative)
+        with pipe.controlnet.identity_tokens(tokens):
+            result = pipe(
+                **prompt_embeds.pipeline_kwargs(),
+                image=image,
+                mask_image=work_mask,
+                control_image=control,
+                width=work_w,
+                height=work_h,
+                strength=strength,
+                num_inference_steps=schedule_steps,
+                guidance_scale=recipe.cfg,
+                controlnet_conditioning_scale=controlnet_scale,
+                ip_adapter_image_embeds=[embeds],
+                generator=seeded_generator(seed),
+                output_type="pil",
+                callback_on_step_end=count_step,
+            )
     if report is not None:
         report.update(steps=steps_run[0], denoise=recipe.denoise, schedule_steps=schedule_steps)
     log.info("refined a %dx%d crop at %dx%d in %d sampler steps", width, height, work_w, work_h,

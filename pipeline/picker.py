@@ -28,7 +28,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.errors import NoFaceFound, PickerFailure, WeightsMissing, shorten
+from pipeline import cancel
+from pipeline.errors import Cancelled, NoFaceFound, PickerFailure, WeightsMissing, shorten
 from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ MAX_ANSWER_TOKENS = 4  # "16" is at most 2 tokens, then the end of turn
 N_CTX = 2048  # 576 image tokens + ~100 prompt tokens + a 200-character description, with room
 N_BATCH = 1024  # >= MAX_IMAGE_TOKENS: an image is decoded in one batch
 DEFAULT_TIMEOUT_S = 20.0
+STOP_POLL_S = 0.05  # how often a waiting pick looks at its request's stop token
 SYSTEM_PROMPT = "You match a description of a person to one of the numbered faces in an image."
 PALETTE = [(230, 25, 75), (0, 130, 200), (255, 225, 25), (60, 180, 75), (245, 130, 48),
            (145, 30, 180), (70, 240, 240), (240, 50, 230)]
@@ -307,6 +309,8 @@ class FacePicker:
             answer = self._ask(sheet, question(text, sheet.labels), answer_grammar(sheet.labels),
                                seed)
             label = parse_answer(answer, sheet.labels)
+        except Cancelled:
+            raise  # the request was stopped: no fallback, the request ends
         except Exception as error:  # noqa: BLE001 - the picker must never fail a request
             reason = str(error) if isinstance(error, PickerFailure) else (
                 f"{type(error).__name__}: {error}")
@@ -330,13 +334,25 @@ class FacePicker:
             future = self._worker.submit(self._call, sheet.image, prompt, grammar, seed)
             self._inflight = future
             self.model_calls += 1
-            try:
-                return future.result(timeout=self.timeout_s)
-            except FutureTimeout:
-                self._stale = True  # reloaded by the worker before its next call
-                raise PickerFailure(f"timed out after {self.timeout_s:g} s") from None
+            return self._result(future)
         finally:
             self._lock.release()
+
+    def _result(self, future: Future[str]) -> str:
+        """The call's answer, waited for in short slices so a stopped request
+        (`pipeline.cancel`) ends at once: the call itself runs to its end on the worker (one C
+        call cannot be interrupted), its answer unused, and the model stays usable (a stop is
+        no timeout: nothing is reloaded); the next pick queues behind it on the worker."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            cancel.check("face picker")
+            try:
+                return future.result(timeout=max(0.0, min(STOP_POLL_S,
+                                                          deadline - time.monotonic())))
+            except FutureTimeout:
+                if time.monotonic() >= deadline:
+                    self._stale = True  # reloaded by the worker before its next call
+                    raise PickerFailure(f"timed out after {self.timeout_s:g} s") from None
 
     def _model(self) -> Any:
         """The loaded model (worker thread only): reloaded after a timed-out call, never

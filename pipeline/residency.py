@@ -79,6 +79,9 @@ class UnetSwap:
         self.runtime = runtime
         self.enabled = enabled
         self.active: str | None = None
+        # False while tensors move: a move cut short (an exception, a cancel) leaves a module
+        # half on the device, and the next `use` first puts every module back on the host.
+        self.settled = True
         self.swaps = 0
         self.seconds = 0.0
         self._copies: dict[str, _HostCopy] = {}
@@ -104,8 +107,9 @@ class UnetSwap:
     def release(self) -> None:
         """Drop the active module's device tensors (its host copy stays)."""
         if self.enabled and self.active is not None:
-            self._copies[self.active].to_host()
-            self.active = None
+            copy, self.active, self.settled = self._copies[self.active], None, False
+            copy.to_host()
+            self.settled = True
             if self.runtime.is_cuda:
                 torch.cuda.empty_cache()  # hand the blocks to llama.cpp and the next UNet alike
 
@@ -116,11 +120,16 @@ class UnetSwap:
         if name not in self._copies:
             raise KeyError(f"{name!r} is not registered; known: {sorted(self._copies)}")
         started = time.perf_counter()
+        if not self.settled:  # an earlier move was cut short: nothing is known to be placed
+            for copy in self._copies.values():
+                copy.to_host()
+            self.active, self.settled = None, True
         self.release()
+        self.settled = False
         self._copies[name].to_device()
         if self.runtime.is_cuda:
             torch.cuda.synchronize(self.runtime.device)  # so `seconds` is the copy, not its queueing
-        self.active = name
+        self.active, self.settled = name, True
         self.swaps += 1
         self.seconds += time.perf_counter() - started
 

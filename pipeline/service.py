@@ -17,8 +17,10 @@ from typing import Any
 
 from diffusers import StableDiffusionXLPipeline
 
+from pipeline import cancel
 from pipeline.assemble import load_models
-from pipeline.errors import PipelineError
+from pipeline.cancel import CancelToken
+from pipeline.errors import PipelineError, WorkerUntrusted
 from pipeline.faceswap import FaceSwapStage
 from pipeline.generate import GenerationParams, prompt_tokens, text_to_image
 from pipeline.image_input import load_reference_image
@@ -34,6 +36,7 @@ from pipeline.results import (
 )
 from pipeline.schema import MAX_SEED, Request
 from pipeline.settings import Settings
+from pipeline.shared_state import StateCheck
 from pipeline.speed import COMPILE_WARM_UP_SIZES
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,9 @@ class CharacterService:
         self.speed = speed or {}  # what apply_speed_switches reported, per pipeline
         self.warm_up_reference = warm_up_reference  # None: the warm-up skips the face path
         self.settings = settings or Settings()
+        # What every request must leave as start-up left it (recorded after the warm-up).
+        self.state = StateCheck({"text": text_pipe, "refine": face_swap.identity.refine_pipe},
+                                residency)
         self._lock = threading.Lock()
 
     @classmethod
@@ -119,6 +125,7 @@ class CharacterService:
             if self.warm_up_reference is not None:
                 self._warm_up_face(stages)
             self.residency.use(TEXT_UNET)  # serving starts where text requests expect it
+            self.state.record()
         for stage, seconds in stages.items():
             log.info("warm-up %s: %.2f s", stage, seconds)
         return dict(stages)
@@ -155,16 +162,41 @@ class CharacterService:
             raise PipelineError(f"warm-up of the face path on {self.warm_up_reference} "
                                 f"failed: {error}") from error
 
-    def run(self, request: Request, progress: Progress | None = None) -> Result:
-        """Run one validated request; raises pipeline errors, never returns a half result."""
-        notify = progress or no_progress
+    def run(self, request: Request, progress: Progress | None = None,
+            token: CancelToken | None = None) -> Result:
+        """Run one validated request; raises pipeline errors, never returns a half result.
+
+        `token` stops it (`pipeline.cancel`: `Cancelled` after the sampler step in flight);
+        `PIPELINE_JOB_TIMEOUT_S` stops it the same way. Afterwards, however it ended, the
+        shared model state is checked (`StateCheck`); a worker whose state differs from
+        start-up refuses every later request with `WorkerUntrusted`."""
+        if not self.state.trusted:
+            raise WorkerUntrusted(self.state.problem or "shared model state is not trusted")
+        token = token or CancelToken()
+        with self._lock:
+            limit = self.settings.job_timeout_s
+            timer = None
+            if limit is not None:  # counted from when the request has the models
+                timer = threading.Timer(limit, token.cancel, args=(
+                    f"the job ran past PIPELINE_JOB_TIMEOUT_S ({limit} s)",))
+                timer.daemon = True
+                timer.start()
+            try:
+                with cancel.running(token):
+                    return self._run(request, progress or no_progress)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self.state.verify(after="a stopped request" if token.cancelled else "a request")
+
+    def _run(self, request: Request, notify: Progress) -> Result:
         seed = resolve_seed(request)
         params = GenerationParams(request.prompt, request.negative_prompt, request.width,
                                   request.height, request.steps, request.cfg, seed)
         # Image i of `num_outputs` is image 0 of the same request with seed + i.
         each = [dataclasses.replace(params, seed=seed + i) for i in range(request.num_outputs)]
         timings = Timings()
-        with self._lock, encodings_reused():
+        with encodings_reused():
             # Counted (and refused over the limit) before any stage runs.
             tokens = prompt_tokens(self.text_pipe, params)
             swapped = self.residency.seconds
@@ -175,6 +207,7 @@ class CharacterService:
             else:
                 images = []
                 for one in each:
+                    cancel.check("generate")
                     notify("generating" if len(each) == 1
                            else f"generating image {one.seed - seed + 1} of {len(each)}")
                     with timings.stage("generate"), self.residency.holding(TEXT_UNET), \

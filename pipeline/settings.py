@@ -26,6 +26,7 @@ DEFAULT_VOLUME_ROOT = Path("/runpod-volume")
 DEFAULT_RESPONSE_LIMIT_BYTES = 10 * 1000 * 1000
 MAX_RESPONSE_LIMIT_BYTES = 20 * 1000 * 1000
 REFINE_GUIDE_SIZE_RANGE = (64, 1024)
+MAX_JOB_TIMEOUT_S = 24 * 3600  # RunPod's own execution timeout tops out at a day
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -51,6 +52,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(costs VRAM)"),
     Setting("PIPELINE_REFINE_GUIDE_SIZE", "1024", "InstantID's work size, 64..1024 (tests use "
             "256 on the CPU)"),
+    Setting("PIPELINE_JOB_TIMEOUT_S", "none", "seconds a job may run before it stops at the "
+            "next sampler step and fails naming this limit, 1..86400 (docs/deploy.md)"),
     Setting("RESPONSE_LIMIT_BYTES", "10 MB", "largest base64 returned inline (all images of a "
             "request together), at most 20 MB (RunPod's /runsync limit)"),
     Setting("VOLUME_ROOT", "`/runpod-volume`", "where `output.save_to_volume` writes"),
@@ -175,6 +178,7 @@ class Settings:
     fuse_qkv: bool = False
     refine_guide_size: int | None = None  # None: the recipe's 1024
     response_limit_bytes: int = DEFAULT_RESPONSE_LIMIT_BYTES
+    job_timeout_s: int | None = None  # None: no limit of our own (RunPod's execution timeout)
     volume_root: Path = DEFAULT_VOLUME_ROOT
     on_runpod: bool = False  # RunPod sets RUNPOD_WEBHOOK_GET_JOB: progress updates can be posted
     bucket: Bucket | None = None  # `output.upload`'s destination; None: uploads are refused
@@ -206,6 +210,7 @@ class Settings:
             refine_guide_size=_integer(env, "PIPELINE_REFINE_GUIDE_SIZE",
                                        *REFINE_GUIDE_SIZE_RANGE),
             response_limit_bytes=DEFAULT_RESPONSE_LIMIT_BYTES if limit is None else limit,
+            job_timeout_s=_integer(env, "PIPELINE_JOB_TIMEOUT_S", 1, MAX_JOB_TIMEOUT_S),
             volume_root=Path(env.get("VOLUME_ROOT") or DEFAULT_VOLUME_ROOT),
             on_runpod=env.get("RUNPOD_WEBHOOK_GET_JOB") is not None,
             bucket=_bucket(env),

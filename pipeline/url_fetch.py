@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
+from pipeline import cancel
 from pipeline.addresses import (  # noqa: F401  (re-exported: image_input and tests use them)
     address_problem,
     check_address,
@@ -298,6 +299,7 @@ def _read_body(response: http.client.HTTPResponse, conn: _PinnedConnection, max_
         conn.live_sock.settimeout(deadline.timeout(timeout_s))
         chunk = response.read1(_CHUNK)
         if not chunk:
+            cancel.check("reference download")  # an aborted socket reads as the end
             if declared.isdigit() and len(body) < int(declared):  # read1 does not check
                 raise http.client.IncompleteRead(bytes(body), int(declared) - len(body))
             return bytes(body)
@@ -329,36 +331,39 @@ def fetch(url: str, *, field: str = "image_url", max_bytes: int = MAX_IMAGE_BYTE
         watchdog.daemon = True
         watchdog.start()
         response: http.client.HTTPResponse | None = None
-        try:
-            conn.request("GET", target.path, headers={
-                "User-Agent": USER_AGENT, "Accept": "image/*", "Connection": "close"})
-            response = conn.getresponse()
-            if response.status in _REDIRECTS:
-                location = (response.getheader("Location") or "").strip()
-                if not location:
-                    raise ImageInputError(field, f"{subject}answered HTTP {response.status} "
-                                                 f"without a Location header")
-                current = urljoin(current, location)
-                subject = f"redirect to {display_url(current)} "
-                continue
-            if response.status != 200:
-                reason = "".join(c for c in (response.reason or "")[:40] if c.isprintable())
-                raise ImageInputError(field, f"{subject}answered HTTP {response.status} {reason}"
-                                      .rstrip())
-            data = _read_body(response, conn, max_bytes, timeout_s, deadline, subject)
-            media = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
-            log.info("fetched %s: %d bytes, %s, %.2f s", display_url(current), len(data),
-                     media or "no content type", time.monotonic() - started)
-            return Fetched(data, media, display_url(current))
-        except (OSError, http.client.HTTPException) as exc:
-            if deadline.remaining() <= 0:
-                raise deadline.error() from exc
-            raise _network_error(exc, target, field, subject, timeout_s) from exc
-        finally:
-            watchdog.cancel()
-            if response is not None:  # it owns the socket (`Connection: close`): close it now,
-                response.close()  # not when the error and its traceback are freed
-            conn.close()
+        # A stop of the request (`pipeline.cancel`) aborts the socket, as the watchdog does.
+        with cancel.on_cancel(conn.abort):
+            try:
+                conn.request("GET", target.path, headers={
+                    "User-Agent": USER_AGENT, "Accept": "image/*", "Connection": "close"})
+                response = conn.getresponse()
+                if response.status in _REDIRECTS:
+                    location = (response.getheader("Location") or "").strip()
+                    if not location:
+                        raise ImageInputError(field, f"{subject}answered HTTP {response.status} "
+                                                     f"without a Location header")
+                    current = urljoin(current, location)
+                    subject = f"redirect to {display_url(current)} "
+                    continue
+                if response.status != 200:
+                    reason = "".join(c for c in (response.reason or "")[:40] if c.isprintable())
+                    raise ImageInputError(field, f"{subject}answered HTTP {response.status} {reason}"
+                                          .rstrip())
+                data = _read_body(response, conn, max_bytes, timeout_s, deadline, subject)
+                media = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+                log.info("fetched %s: %d bytes, %s, %.2f s", display_url(current), len(data),
+                         media or "no content type", time.monotonic() - started)
+                return Fetched(data, media, display_url(current))
+            except (OSError, http.client.HTTPException) as exc:
+                cancel.check("reference download")
+                if deadline.remaining() <= 0:
+                    raise deadline.error() from exc
+                raise _network_error(exc, target, field, subject, timeout_s) from exc
+            finally:
+                watchdog.cancel()
+                if response is not None:  # it owns the socket (`Connection: close`): close it now,
+                    response.close()  # not when the error and its traceback are freed
+                conn.close()
     raise ImageInputError(field, f"redirected more than {MAX_REDIRECTS} times "
                                  f"(last to {display_url(current)})")
 

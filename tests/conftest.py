@@ -87,4 +87,4 @@ def worker(predictor, tmp_path, monkeypatch):
     monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
     monkeypatch.setattr(predictor, "settings", dataclasses.replace(
         predictor.settings, volume_root=tmp_path / "volume"))
-    return runpod_adapter.handler
+    return runpod_adapter.run_job

@@ -68,7 +68,7 @@ def main() -> int:
     predictor = Predictor()
     predictor.setup()
     runpod_adapter._predictor = predictor
-    found = responses(runpod_adapter.handler)
+    found = responses(runpod_adapter.run_job)
     PINNED.parent.mkdir(exist_ok=True)
     PINNED.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
     for name, answer in found.items():

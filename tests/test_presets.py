@@ -173,7 +173,7 @@ def test_fast_face_request_runs_both_loras_and_fewer_refine_steps(service):
 
 def test_turbo_is_refused_by_both_adapters(predictor, monkeypatch):
     monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
-    answer = runpod_adapter.handler({"id": "j", "input": {"prompt": "x", "preset": "turbo"}})
+    answer = runpod_adapter.run_job({"id": "j", "input": {"prompt": "x", "preset": "turbo"}})
     assert "`preset`" in answer["error"]
     inputs = {name: p.default for name, p in
               inspect.signature(predictor.predict).parameters.items()}

@@ -178,7 +178,7 @@ def test_an_over_limit_negative_prompt_is_refused_naming_it(predictor):
 def test_both_adapters_turn_the_refusal_into_their_errors(predictor, monkeypatch):
     words = " ".join(["the"] * (MAX_PROMPT_TOKENS + 1))
     monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
-    answer = runpod_adapter.handler({"id": "j", "input": {"prompt": words, **FAST}})
+    answer = runpod_adapter.run_job({"id": "j", "input": {"prompt": words, **FAST}})
     assert set(answer) == {"error"} and "`prompt`" in answer["error"]
     with pytest.raises(InvalidInput, match="`prompt` must be at most"):
         predictor.predict(prompt=words, **FAST)
@@ -192,6 +192,6 @@ def test_prompt_tokens_are_reported(predictor, monkeypatch):
     request = validate_request({"prompt": "a knight", "negative_prompt": "blurry", **FAST})
     assert predictor.service.run(request).to_json()["prompt_tokens"] == expected
     monkeypatch.setattr(runpod_adapter, "_predictor", predictor)
-    answer = runpod_adapter.handler({"id": "j", "input": {
+    answer = runpod_adapter.run_job({"id": "j", "input": {
         "prompt": "a knight", "negative_prompt": "blurry", **FAST}})
     assert answer["prompt_tokens"] == expected

@@ -30,6 +30,7 @@ def test_defaults_are_what_the_images_run():
         False, "auto", False, False)
     assert settings.refine_guide_size is None and settings.torch_compile_mode is None
     assert settings.response_limit_bytes == DEFAULT_RESPONSE_LIMIT_BYTES and not settings.on_runpod
+    assert settings.job_timeout_s is None
 
 
 def test_every_variable_is_read():
@@ -37,9 +38,10 @@ def test_every_variable_is_read():
         "WEIGHTS_DIR": "/w", "PIPELINE_DEVICE": "CPU", "PIPELINE_UNET_SWAP": "on",
         "PIPELINE_TORCH_COMPILE": "yes", "PIPELINE_TORCH_COMPILE_MODE": "max-autotune",
         "PIPELINE_FUSE_QKV": "1", "PIPELINE_REFINE_GUIDE_SIZE": "256",
-        "RESPONSE_LIMIT_BYTES": "20000000", "VOLUME_ROOT": "/v", "RUNPOD_WEBHOOK_GET_JOB": "x"})
+        "RESPONSE_LIMIT_BYTES": "20000000", "VOLUME_ROOT": "/v", "RUNPOD_WEBHOOK_GET_JOB": "x",
+        "PIPELINE_JOB_TIMEOUT_S": "90"})
     assert settings == Settings(Path("/w"), True, "on", True, "max-autotune", True, 256,
-                                20_000_000, Path("/v"), True)
+                                20_000_000, 90, Path("/v"), True)
 
 
 @pytest.mark.parametrize(("variable", "value", "needle"), [
@@ -52,6 +54,8 @@ def test_every_variable_is_read():
     ("PIPELINE_REFINE_GUIDE_SIZE", "big", "an integer"),
     ("RESPONSE_LIMIT_BYTES", "10MB", "an integer"),
     ("RESPONSE_LIMIT_BYTES", "30000000", "between 1024 and 20000000"),
+    ("PIPELINE_JOB_TIMEOUT_S", "0", "between 1 and 86400"),
+    ("PIPELINE_JOB_TIMEOUT_S", "1.5", "an integer"),
 ])
 def test_a_bad_value_is_refused_naming_the_variable(variable, value, needle):
     with pytest.raises(SettingsError, match=f"`{variable}`.*{needle}"):
@@ -136,7 +140,7 @@ def test_readme_lists_every_setting():
     table = "| variable | default | what |\n|---|---|---|\n" + "\n".join(rows)
     assert table in readme
     read = {"WEIGHTS_DIR", "PIPELINE_DEVICE", "PIPELINE_UNET_SWAP", "PIPELINE_TORCH_COMPILE",
-            "PIPELINE_TORCH_COMPILE_MODE", "PIPELINE_FUSE_QKV", "PIPELINE_REFINE_GUIDE_SIZE",
+            "PIPELINE_TORCH_COMPILE_MODE", "PIPELINE_FUSE_QKV", "PIPELINE_REFINE_GUIDE_SIZE", "PIPELINE_JOB_TIMEOUT_S",
             "RESPONSE_LIMIT_BYTES", "VOLUME_ROOT", "BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID",
             "BUCKET_SECRET_ACCESS_KEY", "BUCKET_PUBLIC_URL"}
     assert {s.variable for s in SETTINGS} == read
