@@ -345,14 +345,17 @@ class FacePicker:
         no timeout: nothing is reloaded); the next pick queues behind it on the worker."""
         deadline = time.monotonic() + self.timeout_s
         while True:
-            cancel.check("face picker")
             try:
-                return future.result(timeout=max(0.0, min(STOP_POLL_S,
-                                                          deadline - time.monotonic())))
+                answer = future.result(timeout=max(0.0, min(STOP_POLL_S,
+                                                            deadline - time.monotonic())))
             except FutureTimeout:
+                cancel.check("face picker")
                 if time.monotonic() >= deadline:
                     self._stale = True  # reloaded by the worker before its next call
                     raise PickerFailure(f"timed out after {self.timeout_s:g} s") from None
+                continue
+            cancel.check("face picker")  # a stop that came during the call stops here too
+            return answer
 
     def _model(self) -> Any:
         """The loaded model (worker thread only): reloaded after a timed-out call, never

@@ -72,8 +72,7 @@ class CharacterService:
         self.warm_up_reference = warm_up_reference  # None: the warm-up skips the face path
         self.settings = settings or Settings()
         # What every request must leave as start-up left it (recorded after the warm-up).
-        self.state = StateCheck({"text": text_pipe, "refine": face_swap.identity.refine_pipe},
-                                residency)
+        self.state = StateCheck({"text": text_pipe, "refine": face_swap.identity.refine_pipe})
         self._lock = threading.Lock()
 
     @classmethod

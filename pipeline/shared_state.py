@@ -2,12 +2,14 @@
 
 One process serves many requests, and a request switches state on models every request shares:
 LoRA adapters and their scales, IP-Adapter processors and scales, the UNet's image projection,
-schedulers, the shared VAE's dtype, which UNet is on the device. Each switch restores itself in
-a `finally`; `StateCheck` proves it after every request, whichever way it ended (a result, an
-error, a stop): it records the state after start-up and compares it after each request. A
-difference means a restore was cut short, so later requests could differ from a fresh worker's:
-the worker is then marked untrusted, and the adapters ask for a fresh one (RunPod:
-`refresh_worker`; Cog: `healthcheck()` fails and requests are refused).
+schedulers, the shared VAE's dtype. Each switch restores itself in a `finally`; `StateCheck`
+proves it after every request, whichever way it ended (a result, an error, a stop): it records
+the state after start-up and compares it after each request. A difference means a restore was
+cut short, so later requests could differ from a fresh worker's: the worker is then marked
+untrusted, and the adapters ask for a fresh one (RunPod: `refresh_worker`; Cog: `healthcheck()`
+fails and requests are refused). Which UNet is on the device is not part of it:
+`pipeline.residency.UnetSwap` leaves the last one used there by design, and settles a move cut
+short at its next use.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.lora_state import LoraState
-from pipeline.residency import UnetSwap
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -43,25 +44,17 @@ def pipe_state(pipe: DiffusionPipeline) -> dict[str, Any]:
     }
 
 
-def residency_state(residency: UnetSwap) -> dict[str, Any]:
-    # Which UNet stays on the device after a request is by design (the last one used); a
-    # move cut short is not.
-    return {"settled": residency.settled}
-
-
 @dataclass
 class StateCheck:
     """The shared state after start-up, and whether every request since left it so."""
 
     pipes: Mapping[str, DiffusionPipeline]  # by name: "text", "refine"
-    residency: UnetSwap
     baseline: dict[str, dict[str, Any]] | None = None
     trusted: bool = True
     problem: str | None = None
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        return {**{name: pipe_state(pipe) for name, pipe in self.pipes.items()},
-                "residency": residency_state(self.residency)}
+        return {name: pipe_state(pipe) for name, pipe in self.pipes.items()}
 
     def record(self) -> None:
         """Take the state as it is now (after start-up) as the one to keep."""
