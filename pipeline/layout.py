@@ -96,13 +96,15 @@ class Layout:
     def yolo_face(self) -> Path:
         return self.root / "adetailer" / "face_yolov8m.pt"
 
+    # The face picker's matched pair, both from ggml-org/Qwen2.5-VL-3B-Instruct-GGUF (one
+    # conversion lineage: the projector is llama.cpp's `qwen2.5vl_merger`, docs/picker.md).
     @property
     def picker_model(self) -> Path:
-        return self.root / "qwen25-vl" / "Qwen2.5-VL-3B-Instruct.Q4_K_M.gguf"
+        return self.root / "qwen25-vl" / "Qwen2.5-VL-3B-Instruct-Q4_K_M.gguf"
 
     @property
     def picker_mmproj(self) -> Path:
-        return self.root / "qwen25-vl" / "Qwen2.5-VL-3B-Instruct-mmproj-f16.gguf"
+        return self.root / "qwen25-vl" / "mmproj-Qwen2.5-VL-3B-Instruct-f16.gguf"
 
     @property
     def warm_up_reference(self) -> Path:

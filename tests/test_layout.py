@@ -34,8 +34,8 @@ PRODUCTION_PATHS = {
     "antelopev2": "insightface/models/antelopev2",
     "buffalo_l": "insightface/models/buffalo_l",
     "yolo_face": "adetailer/face_yolov8m.pt",
-    "picker_model": "qwen25-vl/Qwen2.5-VL-3B-Instruct.Q4_K_M.gguf",
-    "picker_mmproj": "qwen25-vl/Qwen2.5-VL-3B-Instruct-mmproj-f16.gguf",
+    "picker_model": "qwen25-vl/Qwen2.5-VL-3B-Instruct-Q4_K_M.gguf",
+    "picker_mmproj": "qwen25-vl/mmproj-Qwen2.5-VL-3B-Instruct-f16.gguf",
     "warm_up_reference": "warm-up/reference.png",
 }
 

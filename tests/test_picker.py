@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFWriter
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import NoFaceFound, WeightsMissing
@@ -21,16 +22,22 @@ from pipeline.picker import (
     MAX_SIDE,
     PALETTE,
     PATCH,
+    PICKER_CHAT_FORMAT,
+    SYSTEM_PROMPT,
     FacePicker,
     PickerFailure,
     _draw_tag,
     answer_grammar,
+    chat_messages,
+    check_projector,
     clean_description,
     compose_sheet,
+    gguf_metadata,
     largest_face,
+    open_llama,
     parse_answer,
 )
-from twins.picker import write_picker_twins
+from twins.picker import FULLATT_BLOCKS, WA_PATTERN, write_fork_era_mmproj, write_picker_twins
 
 # Face boxes (x1, y1, x2, y2) of insightface's six-person sample photo "t1" (1280x886), given
 # in a shuffled order, as a detector would report them.
@@ -83,12 +90,29 @@ def group_photo() -> Image.Image:
 
 
 def broken_layout(tmp_path: Path, layout: Layout, which: str) -> Layout:
-    """A copy of the twin with one file replaced by garbage bytes."""
+    """A copy of the twin with one file spoilt: "model" / "mmproj" replaced by garbage bytes,
+    "mmproj-truncated" cut after its metadata (it passes the projector check, llama.cpp fails),
+    "mmproj-fork-era" the fork-era projector (`write_fork_era_mmproj`)."""
     broken = Layout(tmp_path / "weights")
     write_picker_twins(broken)
-    target = broken.picker_model if which == "model" else broken.picker_mmproj
-    target.write_bytes(b"GGUF" + bytes(range(256)) * 40)
+    if which == "mmproj-truncated":
+        data = broken.picker_mmproj.read_bytes()
+        broken.picker_mmproj.write_bytes(data[: len(data) // 2])
+    elif which == "mmproj-fork-era":
+        write_fork_era_mmproj(broken.picker_mmproj)
+    else:
+        target = broken.picker_model if which == "model" else broken.picker_mmproj
+        target.write_bytes(b"GGUF" + bytes(range(256)) * 40)
     return broken
+
+
+# Why each spoilt file fails (picker.error, the fallback's reason, the required failure).
+BROKEN_REASON = {
+    "model": "model load error",
+    "mmproj": "not a readable GGUF projector",
+    "mmproj-truncated": "warm-up failed",
+    "mmproj-fork-era": "clip.projector_type is 'qwen2vl_merger', not 'qwen2.5vl_merger'",
+}
 
 
 def gguf_layout(path: Path) -> tuple[list[str], tuple[int, str]]:
@@ -208,32 +232,198 @@ def test_timeout_falls_back_and_the_next_call_gets_a_fresh_model(picker, group_p
     assert picker.loads == loads + 1  # the abandoned call's model was closed and reloaded
 
 
-@pytest.mark.parametrize("which", ["model", "mmproj"])
+@pytest.mark.parametrize("which", list(BROKEN_REASON))
 def test_broken_model_file_falls_back_to_the_largest_face(tmp_path, layout, group_photo, which):
-    picker = FacePicker.load(broken_layout(tmp_path, layout, which), n_threads=2)
+    broken = broken_layout(tmp_path, layout, which)
+    picker = FacePicker.load(broken, n_threads=2)
     try:
-        assert picker.error is not None
+        assert picker.error is not None and BROKEN_REASON[which] in picker.error
+        if which.startswith("mmproj") and which != "mmproj-truncated":  # refused before llama.cpp
+            assert picker.error.startswith("model load error: WeightsMissing: "
+                                           f"{broken.picker_mmproj.name}: ")
+            assert str(broken.picker_mmproj) in picker.error
         for _ in range(2):  # a broken file is not retried on every call
             result = picker.pick(group_photo, T1_BOXES, "the woman on the left")
             assert result.index == T1_LARGEST
             assert result.picked_by.startswith("largest (picker failed: ")
-            expected = "model load error" if which == "model" else "warm-up failed"
-            assert expected in result.picked_by
-        assert picker.loads == (0 if which == "model" else 1)
+            assert (BROKEN_REASON[which] if which != "mmproj-fork-era" else "qwen2vl_merger") \
+                in result.picked_by
+        assert picker.loads == (1 if which == "mmproj-truncated" else 0)
     finally:
         picker.close()
 
 
-@pytest.mark.parametrize("which", ["model", "mmproj"])
+@pytest.mark.parametrize("which", list(BROKEN_REASON))
 def test_required_picker_fails_setup_naming_the_files(tmp_path, layout, which):
-    """On a GPU host (`required`) a model or projector that cannot load stops setup() instead of
-    every description silently falling back to the largest face."""
+    """On a GPU host (`required`) a model or projector that cannot load, or a projector of the
+    wrong lineage, stops setup() instead of every description silently falling back."""
     broken = broken_layout(tmp_path, layout, which)
     with pytest.raises(WeightsMissing) as caught:
         FacePicker.load(broken, n_threads=2, required=True)
     message = str(caught.value)
     assert str(broken.picker_model) in message and str(broken.picker_mmproj) in message
-    assert ("model load error" if which == "model" else "warm-up failed") in message
+    assert BROKEN_REASON[which] in message
+
+
+# ------------------------------------------------------------------ the projector's lineage
+
+
+def test_fork_era_projector_loads_silently_in_llama_cpp(tmp_path, layout):
+    """Why the check exists: llama.cpp itself takes the fork-era projector (as Qwen2-VL) and
+    answers, with no error to catch."""
+    from llama_cpp import Llama, LlamaGrammar
+    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+
+    fork = tmp_path / "mmproj-fork-era.gguf"
+    write_fork_era_mmproj(fork)
+    llm = Llama(model_path=str(layout.picker_model), n_ctx=1024, n_batch=1024, n_ubatch=1024,
+                n_threads=2, verbose=False,
+                chat_handler=Qwen25VLChatHandler(clip_model_path=str(fork), verbose=False))
+    try:
+        answer = llm.create_chat_completion(
+            messages=chat_messages(Image.new("RGB", (56, 56)), "Say 1."), max_tokens=4,
+            grammar=LlamaGrammar.from_string(answer_grammar([1]), verbose=False))
+        assert answer["choices"][0]["message"]["content"] == "1"
+    finally:
+        llm.close()
+    with pytest.raises(WeightsMissing, match="fork-era Qwen2.5-VL conversion") as caught:
+        check_projector(fork)
+    assert str(fork) in str(caught.value)
+
+
+def test_projector_metadata_the_check_reads(tmp_path, layout):
+    """The twin's projector carries what the real 3B file carries (`qwen2.5vl_merger`,
+    `n_wa_pattern`), the fork-era variant what the fork wrote; the standard-library reader
+    agrees with the `gguf` package on every key of both, and on the text model's."""
+    fork = tmp_path / "fork.gguf"
+    write_fork_era_mmproj(fork)
+    for path in (layout.picker_mmproj, fork, layout.picker_model):
+        fields = GGUFReader(path).fields
+        expected = {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.")}
+        got = gguf_metadata(path)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    twin, fork_era = gguf_metadata(layout.picker_mmproj), gguf_metadata(fork)
+    assert twin["clip.projector_type"] == "qwen2.5vl_merger"
+    assert twin["clip.vision.n_wa_pattern"] == WA_PATTERN
+    assert "clip.vision.fullatt_block_indexes" not in twin
+    assert fork_era["clip.projector_type"] == "qwen2vl_merger"
+    assert fork_era["clip.vision.fullatt_block_indexes"] == FULLATT_BLOCKS
+    assert "clip.vision.n_wa_pattern" not in fork_era
+    check_projector(layout.picker_mmproj)  # passes
+
+
+def metadata_only_gguf(path: Path, values: dict[str, str | int]) -> Path:
+    """A `clip` GGUF holding only the given keys and no tensors: all the projector check
+    reads."""
+    writer = GGUFWriter(path, "clip")
+    for key, value in values.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("values", "reason"), [
+    ({"clip.projector_type": "qwen2vl_merger"},
+     "is 'qwen2vl_merger', not 'qwen2.5vl_merger'; llama.cpp would run it as Qwen2-VL"),
+    ({}, "clip.projector_type is None"),
+    ({"clip.projector_type": "qwen2.5vl_merger"}, "clip.vision.n_wa_pattern is missing"),
+    ({"clip.projector_type": "qwen2.5vl_merger", "clip.vision.n_wa_pattern": 0},
+     "clip.vision.n_wa_pattern is 0"),
+])
+def test_projector_check_refuses_naming_file_and_reason(tmp_path, values, reason):
+    path = metadata_only_gguf(tmp_path / "odd-mmproj.gguf", values)
+    with pytest.raises(WeightsMissing) as caught:
+        check_projector(path)
+    message = str(caught.value)
+    assert message.startswith("odd-mmproj.gguf: ") and str(path) in message
+    assert reason in message
+    check_projector(metadata_only_gguf(tmp_path / "good.gguf", {
+        "clip.projector_type": "qwen2.5vl_merger", "clip.vision.n_wa_pattern": 8}))
+
+
+@pytest.mark.parametrize("data", [b"", b"GGML" + bytes(60), b"GGUF\x03\x00\x00\x00",
+                                  b"GGUF\x03\x00\x00\x00" + bytes(8) + b"\xff" * 8])
+def test_projector_check_refuses_unreadable_files(tmp_path, data):
+    path = tmp_path / "mmproj.gguf"
+    path.write_bytes(data)
+    with pytest.raises(WeightsMissing, match="mmproj.gguf: not a readable GGUF projector"):
+        check_projector(path)
+    with pytest.raises(WeightsMissing, match="not a readable GGUF projector: .*No such file"):
+        check_projector(tmp_path / "absent.gguf")
+
+
+# ------------------------------------------------------------------ the prompt's last tokens
+
+
+def render(template: str, messages: list) -> str:
+    """A chat template rendered the way llama-cpp-python's Llava15ChatHandler does."""
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+        template).render(messages=messages, add_generation_prompt=True)
+
+
+def test_picker_template_is_the_stock_one_plus_the_newline():
+    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+
+    messages = chat_messages(Image.new("RGB", (56, 56)), "Which number?")
+    ours, stock = render(PICKER_CHAT_FORMAT, messages), render(Qwen25VLChatHandler.CHAT_FORMAT,
+                                                               messages)
+    assert stock.endswith("<|im_end|>\n<|im_start|>assistant")  # Jinja ate the newline
+    assert ours == stock + "\n"
+    assert ours.startswith(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n")
+
+
+def prompt_tokens(llm, image: Image.Image) -> list[int]:
+    """The token ids the model had seen when it sampled its answer's first token."""
+    from llama_cpp import LlamaGrammar
+
+    seen: list[list[int]] = []
+
+    def record(input_ids, scores):
+        if not seen:
+            seen.append([int(t) for t in input_ids])
+        return scores
+
+    llm.create_chat_completion(messages=chat_messages(image, "Say 1."), max_tokens=1,
+                               grammar=LlamaGrammar.from_string(answer_grammar([1]),
+                                                                verbose=False),
+                               logits_processor=[record])
+    return seen[0]
+
+
+def test_rendered_prompt_ends_with_the_newline_after_assistant(layout):
+    """The tokens the model conditions its answer on end `<|im_start|>`, `assistant`, `\n`, as
+    in Qwen's training; the stock handler's end at `assistant`."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Qwen25VLChatHandler
+
+    image = Image.new("RGB", (56, 56), (90, 120, 150))
+    llm = open_llama(layout, n_threads=2)
+    try:
+        tokens = prompt_tokens(llm, image)
+        newline = llm.tokenize(b"\n", add_bos=False, special=False)
+        tail = llm.tokenize(b"<|im_end|>\n<|im_start|>assistant\n", add_bos=False, special=True)
+        assert len(newline) == 1 and tail[-1] == newline[0]
+        assert tokens[-len(tail):] == tail
+        assert llm.detokenize(tokens[-len(tail):], special=True) == \
+            b"<|im_end|>\n<|im_start|>assistant\n"
+    finally:
+        llm.close()
+    stock = Llama(model_path=str(layout.picker_model), n_ctx=1024, n_batch=1024,
+                  n_ubatch=1024, n_threads=2, verbose=False,
+                  chat_handler=Qwen25VLChatHandler(clip_model_path=str(layout.picker_mmproj),
+                                                   verbose=False))
+    try:
+        assert prompt_tokens(stock, image) == tokens[:-1]  # the same prompt, less the newline
+    finally:
+        stock.close()
 
 
 def test_answers_outside_the_labels_are_failures():

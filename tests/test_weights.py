@@ -509,3 +509,20 @@ def test_repo_lock_ships_no_file_the_code_never_loads(repo_lock):
     assert "ip-adapter-faceid-plusv2_sdxl.bin" in paths
     assert not any(p.endswith("_lora.safetensors") for p in paths)
     assert not hasattr(Layout, "faceid_plusv2_lora")
+
+
+def test_repo_lock_takes_the_pickers_pair_from_one_conversion(repo_lock):
+    """Issue 22: the model and its vision projector come from the same repo at the same commit
+    (ggml-org's upstream conversion), fully pinned, at the Layout's paths."""
+    entries = {e.name: e for e in repo_lock.weights}
+    model, mmproj = entries["qwen25-vl-3b-q4km"], entries["qwen25-vl-3b-mmproj"]
+    assert model.sources == mmproj.sources and len(model.sources) == 1
+    source = model.sources[0]
+    assert source.revision_pinned
+    assert source.uri == ("https://huggingface.co/ggml-org/Qwen2.5-VL-3B-Instruct-GGUF/resolve/"
+                          "5037fcf163dd95d1e41d1974465f0898ed108ca2")
+    layout = Layout(Path("/w"))
+    for entry, path in ((model, layout.picker_model), (mmproj, layout.picker_mmproj)):
+        (f,) = entry.files
+        assert f.pinned and Path("/w") / entry.target / f.path == path
+    assert [f.size for f in model.files + mmproj.files] == [1_929_901_056, 1_338_428_128]

@@ -13,9 +13,15 @@ Sizes (the real ones in brackets):
   [2], M-RoPE sections 2/3/3 [16/24/24], 268 tokens [151936]: the 256 byte-level tokens (digits
   included), 5 merges and Qwen's 7 special tokens. F16 matrices [Q4_K_M].
 - projector, `qwen2.5vl_merger`: 4 blocks [32], width 32 [1280], 2 heads [16], window attention
-  with full attention every 2nd block [every 8th], 14 px patches, 2x2 merge and Qwen's
-  normalisation [the same], output width 64 = the text width. So one image costs exactly as many
-  tokens as with the real projector.
+  with full attention every 2nd block (`clip.vision.n_wa_pattern` 2 [8]), 14 px patches, 2x2
+  merge and Qwen's normalisation [the same], output width 64 = the text width. So one image
+  costs exactly as many tokens as with the real projector.
+
+`write_fork_era_mmproj` writes the same projector as a pre-upstream conversion did (HimariO's
+llama.cpp fork, `qwen25-vl-20250404`, the source of some third-party repos' files):
+`clip.projector_type` `qwen2vl_merger`, `clip.vision.fullatt_block_indexes` and
+`clip.vision.window_size`, no `clip.vision.n_wa_pattern`. llama.cpp loads such a file without a
+word as Qwen2-VL (LayerNorm, no window attention); the picker refuses it (the negative test).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ VISION_HEADS = 2
 PATCH_SIZE = 14
 MERGE = 2
 WA_PATTERN = 2  # fullatt_block_indexes [1, 3] -> every 2nd block attends globally
+FULLATT_BLOCKS = [i for i in range(VISION_BLOCKS) if (i + 1) % WA_PATTERN == 0]  # [1, 3]
+WINDOW_SIZE = 112  # px, Qwen2.5-VL's window (8 x 14 px patches); only the fork-era file says it
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -152,6 +160,16 @@ def write_text_model(path: Path) -> None:
 
 def write_mmproj(path: Path) -> None:
     """The vision projector GGUF (architecture `clip`, projector `qwen2.5vl_merger`)."""
+    _write_mmproj(path, fork_era=False)
+
+
+def write_fork_era_mmproj(path: Path) -> None:
+    """The same projector in the fork-era layout: `qwen2vl_merger`, `fullatt_block_indexes`
+    and `window_size` instead of `n_wa_pattern`; same tensors (the picker must refuse it)."""
+    _write_mmproj(path, fork_era=True)
+
+
+def _write_mmproj(path: Path, *, fork_era: bool) -> None:
     writer = GGUFWriter(path, "clip")
     writer.add_type("mmproj")
     writer.add_name("Qwen2.5-VL tiny twin")
@@ -166,9 +184,15 @@ def write_mmproj(path: Path) -> None:
     writer.add_vision_head_count(VISION_HEADS)
     writer.add_vision_image_mean(IMAGE_MEAN)
     writer.add_vision_image_std(IMAGE_STD)
-    writer.add_clip_projector_type(VisionProjectorType.QWEN25VL)
-    writer.add_vision_use_silu(True)
-    writer.add_vision_n_wa_pattern(WA_PATTERN)
+    if fork_era:
+        writer.add_clip_projector_type(VisionProjectorType.QWEN2VL)
+        writer.add_vision_use_silu(True)
+        writer.add_array("clip.vision.fullatt_block_indexes", FULLATT_BLOCKS)
+        writer.add_uint32("clip.vision.window_size", WINDOW_SIZE)
+    else:
+        writer.add_clip_projector_type(VisionProjectorType.QWEN25VL)
+        writer.add_vision_use_silu(True)
+        writer.add_vision_n_wa_pattern(WA_PATTERN)
     writer.add_vision_attention_layernorm_eps(1e-6)
     writer.add_quantization_version(2)
 
