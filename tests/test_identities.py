@@ -429,3 +429,227 @@ def test_identities_refusals_through_the_cog_predictor(predictor, identities, ex
     with pytest.raises(InvalidInput) as refused:
         predictor.predict(**inputs)
     assert named in str(refused.value)
+
+
+# ------------------------------------------------------------------------------ mask grids
+
+
+def _sdxl_attention_grids():
+    """Per latent side n: SDXL's side at each down block that attends, from its layers (the
+    published config's block types; each block before it ends in diffusers' Downsample2D, run
+    on the meta device), not from pipeline.identity's arithmetic."""
+    from diffusers.models.downsampling import Downsample2D
+
+    from bench.fullsize import SDXL_UNET
+    from pipeline.schema import SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE
+
+    depths = [depth for depth, kind in enumerate(SDXL_UNET["down_block_types"])
+              if kind.startswith("CrossAttn")]
+    with torch.device("meta"):
+        down = Downsample2D(1, use_conv=True, padding=1)
+    sides = {}
+    for side in range(SIZE_MIN // 8, SIZE_MAX // 8 + 1, SIZE_MULTIPLE // 8):
+        latent, sides[side] = torch.empty(1, 1, side, side, device="meta"), []
+        for depth in range(max(depths) + 1):
+            if depth in depths:
+                sides[side].append(latent.shape[-1])
+            latent = down(latent)
+    return depths, sides
+
+
+def _legal_sizes():
+    from pipeline.schema import SIZE_MAX, SIZE_MIN, SIZE_MULTIPLE
+
+    steps = range(SIZE_MIN, SIZE_MAX + 1, SIZE_MULTIPLE)
+    return [(width, height) for width in steps for height in steps]
+
+
+def test_ip_adapter_masks_give_every_attention_layer_its_grid_at_every_legal_size(monkeypatch):
+    """Every legal width x height (512..2048, multiples of 8: 37,249 sizes) through diffusers'
+    own `IPAdapterMaskProcessor.downsample` (its interpolation stubbed to record the grid it
+    chose: the grid depends on the mask's shape and the query count only, not on the values,
+    nor on the identity count, since `IPAdapterAttnProcessor2_0` downsamples mask[:, i] one
+    image at a time), at every depth where SDXL attends: the image-shaped masks of before miss
+    781 sizes, ours none, and the shape of `ip_adapter_masks` is `ip_adapter_mask_shape` for 2, 3
+    and 4 identities."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from pipeline.identity import (
+        ATTENTION_DEPTHS,
+        diffusers_mask_grid,
+        ip_adapter_mask_shape,
+        ip_adapter_masks,
+    )
+
+    depths, sides = _sdxl_attention_grids()
+    assert tuple(depths) == ATTENTION_DEPTHS == (1, 2)
+
+    class Chosen(Exception):
+        """The grid diffusers chose, raised from its interpolation (the rest is not needed)."""
+
+    def interpolate(mask, size, mode):
+        assert mode == "bicubic" and mask.shape[:2] == (1, 1)
+        raise Chosen(tuple(size))
+
+    def grid(shape, rows, columns):
+        try:
+            IPAdapterMaskProcessor.downsample(point.expand(1, *shape), 1, rows * columns, 1)
+        except Chosen as chosen:
+            return chosen.args[0]
+        raise AssertionError("diffusers did not interpolate")
+
+    point = torch.zeros(())
+    monkeypatch.setattr(torch.nn.functional, "interpolate", interpolate)
+    sizes, before, after, moved = _legal_sizes(), [], [], {}
+    for width, height in sizes:
+        shape = ip_adapter_mask_shape(width, height)
+        if shape != (height, width):
+            moved[(width, height)] = shape
+        for rows, columns in zip(sides[height // 8], sides[width // 8], strict=True):
+            old = grid((height, width), rows, columns)
+            assert old == diffusers_mask_grid(height, width, rows * columns)
+            if old != (rows, columns):
+                before.append((width, height))
+            if grid(shape, rows, columns) != (rows, columns):
+                after.append((width, height, rows, columns))
+    monkeypatch.undo()
+    assert len(sizes) == 37_249
+    assert len(set(before)) == 781 and set(before) == set(moved)
+    assert (512, 520) in moved and (520, 1408) in moved
+    assert after == []
+    assert all(w % 32 or h % 32 for w, h in moved)  # every multiple of 32 keeps its shape
+    assert all(shape[1] == w and 0 < abs(shape[0] - h) <= 29
+               for (w, h), shape in moved.items())
+    for width, height in [(512, 520), (520, 1408), (832, 1216), (1016, 1016), (2048, 2048)]:
+        for count in (2, 3, 4):
+            masks = ip_adapter_masks(width, height, count)
+            assert masks.dtype == torch.float32 and masks.is_contiguous()
+            assert torch.equal(masks, _column_masks(width, height, (count,)))
+            if (width, height) not in moved:  # the very masks of before
+                regions = identity_regions(width, height, count)
+                assert torch.equal(masks, IPAdapterMaskProcessor().preprocess(
+                    regions, height=height, width=width).reshape(masks.shape))
+
+
+def _column_masks(width, height, counts):
+    """`identity_regions`' columns, 0/1, for each count in turn, repeated down the rows of
+    `ip_adapter_mask_shape` (a stride-0 view: no memory): (1, sum(counts), rows, width)."""
+    from pipeline.identity import ip_adapter_mask_shape
+
+    rows, columns = ip_adapter_mask_shape(width, height)
+    layout = np.concatenate([np.stack([np.asarray(region)[0] > 0
+                                       for region in identity_regions(columns, 1, count)])
+                             for count in counts])
+    return torch.from_numpy(layout).float()[None, :, None, :].expand(1, -1, rows, columns)
+
+
+def _region_columns(downsampled, rows, columns):
+    """The attention grid's columns each region acts on, from diffusers' downsampled masks
+    ((images, queries, 1) for one layer), after checking that every grid row is the same."""
+    grid = downsampled[:, :, 0].reshape(-1, rows, columns)
+    # (bicubic's vertical weights sum to 1 within float rounding: rows match to ~1e-7)
+    assert float((grid - grid[:, :1]).abs().max()) <= 1e-5, "the columns shear"
+    return [torch.nonzero(row).flatten().tolist() for row in grid[:, 0]]
+
+
+def _assert_disjoint_in_order(spans, columns):
+    from itertools import pairwise
+
+    assert all(spans), "a region lost every column"
+    for left, right in pairwise(spans):
+        assert max(left) < min(right)  # disjoint, left to right
+    assert all(max(span) < columns for span in spans)
+
+
+def test_ip_adapter_mask_columns_stay_disjoint_and_in_order_at_every_attention_grid():
+    """The masks through diffusers' real downsample (bicubic) at every legal width and both
+    attention depths, for 2, 3 and 4 identities: every grid row is the same (no shear) and the
+    regions' columns are disjoint and left to right. The columns a layer sees depend on the
+    width only (the masks are constant down each column), so each width is taken once, with a
+    height whose image-shaped masks diffusers got wrong where there is one. The masks are
+    `ip_adapter_masks`' values as a stride-0 view (equal to them: the test above), which
+    diffusers' interpolation reads without a copy."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    from pipeline.identity import diffusers_mask_grid
+
+    _depths, sides = _sdxl_attention_grids()
+    widths = sorted({width for width, _height in _legal_sizes()})
+    heights = sorted({height for _width, height in _legal_sizes()})
+    sheared = 0
+    for width in widths:
+        def wrong(height, _width=width):
+            return any(diffusers_mask_grid(height, _width, r * c) != (r, c)
+                       for r, c in zip(sides[height // 8], sides[_width // 8], strict=True))
+
+        height = next((h for h in heights if wrong(h)), SIZE)
+        sheared += wrong(height)
+        masks = _column_masks(width, height, (2, 3, 4))[0]
+        for rows, columns in zip(sides[height // 8], sides[width // 8], strict=True):
+            downsampled = IPAdapterMaskProcessor.downsample(masks, 1, rows * columns, 1)
+            spans = _region_columns(downsampled, rows, columns)
+            for count, first in ((2, 0), (3, 2), (4, 5)):
+                _assert_disjoint_in_order(spans[first:first + count], columns)
+    assert sheared == 175  # widths (of 193) with a size the image-shaped masks got wrong
+
+
+@pytest.mark.parametrize("shape", ["fixed", "image"])
+def test_identities_masks_reach_the_attention_on_its_own_grid(service, monkeypatch, shape):
+    """End to end on the twins at 512 wide x 520 high (latent 65x64, attention grid 33x32):
+    every masked IP-Adapter attention call's downsampled mask, read on the grid the twin UNet's
+    transformer really ran on, is the same in every row, the two regions' columns disjoint and
+    in order. "image": the image-shaped masks of before, which diffusers reads as 32x33, shear."""
+    import warnings
+
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    import pipeline.identity
+
+    width, height = 512, 520
+    if shape == "image":
+        monkeypatch.setattr(pipeline.identity, "ip_adapter_mask_shape",
+                            lambda w, h: (h, w))
+    pipe = service.face_swap.identity.text_pipe
+    grids, downsampled = set(), []
+    real_downsample = IPAdapterMaskProcessor.downsample
+
+    def recording(mask, batch_size, num_queries, value_embed_dim):
+        result = real_downsample(mask, batch_size, num_queries, value_embed_dim)
+        downsampled.append((mask.shape, num_queries, result))
+        return result
+
+    monkeypatch.setattr(IPAdapterMaskProcessor, "downsample", staticmethod(recording))
+    transformers = [m for m in pipe.unet.modules() if isinstance(m, Transformer2DModel)]
+    hooks = [m.register_forward_pre_hook(lambda _m, args: grids.add(tuple(args[0].shape[-2:])))
+             for m in transformers]
+    references = [one.reference for one in _loaded(service, _request(
+        identities=[{"image_url": REF_A}, {"image_url": REF_B}]))]
+    params = GenerationParams("two knights", "", width, height, 2, 2.0, 3)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            service.face_swap.identity.generate(params, references)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not [w for w in caught if "aspect ratio of the mask" in str(w.message)]
+    assert grids == {(33, 32)} and downsampled
+    ((rows, columns),) = grids
+    for mask_shape, num_queries, result in downsampled:
+        assert num_queries == rows * columns
+        if shape == "image":
+            assert mask_shape == (1, height, width)
+            with pytest.raises(AssertionError, match="the columns shear"):
+                _region_columns(result, rows, columns)
+            continue
+        assert mask_shape == (1, 544, width)  # 512 / 544 = 16 / 17: diffusers reads 33x32
+        spans = _region_columns(result, rows, columns)  # one image (region) per call
+        assert len(spans) == 2 and spans[0] == spans[1]  # batch of two: cfg's uncond and cond
+    if shape == "fixed":
+        # per layer and adapter, the processor downsamples mask[:, i] for image i = 0, 1
+        assert len(downsampled) % 2 == 0
+        for first in range(0, len(downsampled), 2):
+            _assert_disjoint_in_order([_region_columns(result, rows, columns)[0]
+                                       for _s, _n, result in downsampled[first:first + 2]],
+                                      columns)
