@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.cancel import CancelToken
 from pipeline.device import is_out_of_memory
-from pipeline.errors import PipelineError
+from pipeline.errors import Cancelled, PipelineError
 from pipeline.output import check_response_estimate, encode_all
 from pipeline.results import ImageResult
 from pipeline.schema import Request, validate_request
@@ -108,6 +108,9 @@ def run_job(job: dict, token: CancelToken | None = None) -> dict:
                                   in enumerate(zip(result.images, entries, strict=True))])
         answer["duration_seconds"] = round(time.perf_counter() - started, 3)
         return answer
+    except Cancelled as error:  # RunPod's stop drops this answer; our own job timeout sends it
+        log.info("job %s %s", job.get("id"), error)  # "stopped during <stage>: ..."
+        return _failure(str(error), predictor)
     except PipelineError as error:
         log.info("job %s refused: %s", job.get("id"), error)
         return _failure(str(error), predictor)

@@ -147,7 +147,7 @@ print("JOB STOP WORKER START RETURNED", flush=True)
 
 _STOP_LINE = re.compile(r"^job (?P<job>\S+) stopped after (?P<steps>\d+) sampler steps "
                         r"\((?P<after>\d+) after the stop\)$")
-_STOPPED_WHERE = re.compile(r"^job (?P<job>\S+) refused: stopped during (?P<where>[^:]+): ")
+_STOPPED_WHERE = re.compile(r"^job (?P<job>\S+) stopped during (?P<where>[^:]+): ")
 
 
 class StopWorker:
