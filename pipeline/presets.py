@@ -80,9 +80,12 @@ def scheduler_name(pipe: DiffusionPipeline, preset: str) -> str:
 
 def load_fast_lora(pipe: DiffusionPipeline, layout: Layout) -> None:
     """Load the fast LoRA into `pipe.unet` as adapter `fast` and leave every LoRA off, as the
-    pipe was (UNet keys only: a text-encoder part of the file is ignored, logged)."""
+    pipe was (UNet keys only: a text-encoder part of the file is ignored, logged). The state
+    dict is read with `unet_config`, as `load_lora_weights` reads it: kohya keys in the sgm
+    block naming are then remapped on this UNet's block layout."""
     state_dict, alphas = pipe.lora_state_dict(str(layout.fast_lora.parent),
                                               weight_name=layout.fast_lora.name,
+                                              unet_config=pipe.unet.config,
                                               local_files_only=True)
     unet_keys = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
     if len(unet_keys) < len(state_dict):
