@@ -7,7 +7,7 @@ parameter counts, FLOPs, memory and load times are the real ones. Builders:
 
 - `meta_models()`: every model on the meta device (no memory), for counts and plans;
 - `write_sdxl_config_folder(folder)`: a full-size SDXL config folder (tokenizers from the tiny
-  twin: the real BPE files cannot be downloaded here; token ids stay below the real vocabulary);
+  twin, which writes SDXL base's real tokenizer files, byte for byte as `weights.lock` pins them);
 - `write_fullsize_checkpoint(path, ...)`: an SDXL single-file checkpoint in the original key
   layout (`twins.sdxl`'s conversion), fp16 random values, written one component at a
   time to bound RAM (~7 GB per file);
@@ -153,7 +153,7 @@ def count(module: torch.nn.Module) -> int:
 
 def write_sdxl_config_folder(folder: Path) -> None:
     """A full-size SDXL config folder: the tiny twin's (`twins.sdxl`: model_index,
-    scheduler, byte-level tokenizers) with the real model configs written over it; the text
+    scheduler, SDXL's real tokenizers) with the real model configs written over it; the text
     encoders keep the twin tokenizer's special-token ids."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig

@@ -14,7 +14,9 @@ The recipe's users write A1111/ComfyUI prompts (the recipe's own negative prefix
   applies the weights, and chunks long prompts in windows of 75 tokens between start and end
   markers (split at word ends, as ComfyUI does); the pooled embedding comes from encoder 2 over
   the prompt's text (its first window, as A1111 and ComfyUI take it). Prompt and negative are
-  padded to the same number of windows.
+  padded to the same number of windows. Both encoders read the same token ids, as A1111 and
+  ComfyUI give them (`_SecondEncoderTokenizer`): Hugging Face's `tokenizer_2` would make every
+  `!` of a prompt its pad token, so the encoders would split a long prompt differently.
 - A prompt over `MAX_PROMPT_TOKENS` is refused with `InvalidInput` naming the field: never cut.
 - Inside `encodings_reused()` (one request: `CharacterService.run`) each pipe encodes a prompt
   pair once; the images of a `num_outputs` request share the tensors.
@@ -144,8 +146,8 @@ class PromptEncoder:
         }
         self.compel_1 = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
                                requires_pooled=False, **options)
-        self.compel_2 = Compel(tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2,
-                               requires_pooled=True, **options)
+        self.compel_2 = Compel(tokenizer=_SecondEncoderTokenizer(pipe.tokenizer, pipe.tokenizer_2),
+                               text_encoder=pipe.text_encoder_2, requires_pooled=True, **options)
         self.key = _encoder_key(pipe)
 
     def count_tokens(self, fragments: WeightedFragments) -> int:
@@ -198,6 +200,26 @@ class PromptEncoder:
         conditionings = [compel.build_conditioning_tensor_for_conjunction(_conjunction(p))[0]
                          for p in prompts]
         return compel.pad_conditioning_tensors_to_same_length(conditionings)
+
+
+class _SecondEncoderTokenizer:
+    """SDXL's second tokenizer as A1111 and ComfyUI use it: the prompt tokenized by the first
+    (both hold CLIP's vocabulary and merges, byte for byte), padded with the second's pad token
+    (`!`, id 0). Hugging Face's `tokenizer_2` registers that pad token as a special token, so each
+    `!` of a prompt becomes a lone id 0 there (`wow!!!`: 2 tokens on the first, 4 on the second):
+    the two encoders would split a long prompt into different numbers of windows, and their
+    embeddings could not be joined."""
+
+    def __init__(self, text: Any, padding: Any):
+        self._text = text
+        self.pad_token = padding.pad_token
+        self.pad_token_id = padding.pad_token_id
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._text(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._text, name)
 
 
 def _conjunction(fragments: WeightedFragments) -> Conjunction:

@@ -3,7 +3,8 @@
 The parser is checked on its own; the rest runs the real service (the in-process Predictor on
 the tiny-twin weights) at 512x512 with 2 steps: weighting and words past CLIP's 77 tokens must
 change the rendered bytes in text mode, in the identity stage and in the InstantID refine pass.
-The twins' tokenizer is byte-level, so long prompts are built from one-token words.
+The twins' tokenizers are SDXL base's own files (`weights.lock`'s sha256, rebuilt by `twins.sdxl`
+from CLIP's BPE merges), so every count here is the count production sees.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.prompts import (
     MAX_PROMPT_TOKENS,
     ROUND_MULTIPLIER,
     SQUARE_MULTIPLIER,
+    WINDOW_TOKENS,
     count_tokens,
     parse_weighted,
     prompt_encoder,
@@ -29,10 +31,21 @@ from pipeline.schema import validate_request
 
 FAST = {"width": 512, "height": 512, "steps": 2}
 SEED = 3
-# 100 words, one twin token each ("the" and "a" are whole tokens of the twins' BPE): past 77.
+# 100 words, one CLIP token each ("the" and "a" are whole tokens of CLIP's BPE): past 77.
 LONG_WORDS = ["the", "a"] * 49 + ["the"]
+# 15 words, 15 CLIP tokens (OpenAI's own tokenizer, open_clip's SimpleTokenizer, agrees:
+# tests/test_twins_sdxl.py); the recipe's prefix "RAW photo, masterpiece, " adds 5.
+PHRASE = "a detailed portrait photograph of a tall person standing in a quiet street at dusk"
+PHRASE_TOKENS = 15
+PREFIX_TOKENS = 5
 TINY_REFINE = RefineRecipe(steps=2, guide_size=64, max_size=64)
 KEYPOINTS = np.array([[28.0, 30.0], [52.0, 30.0], [40.0, 42.0], [31.0, 54.0], [49.0, 54.0]])
+
+
+def _tokens(count: int) -> str:
+    """A prompt of `count` CLIP tokens: PHRASE repeated, then its first words."""
+    words = PHRASE.split()
+    return " ".join(words * (count // PHRASE_TOKENS) + words[:count % PHRASE_TOKENS])
 
 
 def _long_prompt(last_word: str) -> str:
@@ -55,7 +68,7 @@ def _reference(seed: int = 0) -> ReferenceIdentity:
     rng = np.random.default_rng(seed)
     crop = Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
     return ReferenceIdentity(embedding=rng.normal(size=512).astype(np.float32) * 20,
-                             face_crop=crop,
+                             face_crops=(crop,),
                              faceid_embedding=rng.normal(size=512).astype(np.float32) * 20)
 
 
@@ -154,6 +167,87 @@ def test_the_refine_pass_reads_the_whole_prompt(predictor):
 
 
 # ----------------------------------------------------------------- limit and report
+
+
+def test_the_phrase_counts_as_clip_counts(predictor):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    text_pipe = predictor.service.text_pipe
+    assert len(SimpleTokenizer().encode(PHRASE)) == PHRASE_TOKENS
+    assert count_tokens(text_pipe, PHRASE) == PHRASE_TOKENS
+    assert count_tokens(text_pipe, POSITIVE_PREFIX + PHRASE) == PREFIX_TOKENS + PHRASE_TOKENS
+    assert count_tokens(text_pipe, POSITIVE_PREFIX) == PREFIX_TOKENS
+    assert count_tokens(text_pipe, NEGATIVE_PREFIX) == 6  # worst quality , low quality ,
+    assert count_tokens(text_pipe, "juggernaut") == 4  # ju gger nau t</w>
+
+
+def test_a_prompt_of_exactly_225_tokens_runs_and_226_is_refused(predictor):
+    prompt = _tokens(MAX_PROMPT_TOKENS - PREFIX_TOKENS)
+    request = validate_request({"prompt": prompt, **FAST})
+    assert predictor.service.run(request).to_json()["prompt_tokens"]["prompt"] == 225
+    with pytest.raises(InvalidInput) as caught:
+        predictor.service.run(validate_request({"prompt": prompt + " quiet", **FAST}))
+    assert caught.value.field == "prompt"
+    assert "at most 225 tokens" in str(caught.value) and "got 226" in str(caught.value)
+
+
+def test_the_negative_prompt_limit_counts_its_prefix_too(predictor):
+    negative = _tokens(MAX_PROMPT_TOKENS - 6)
+    encoder = prompt_encoder(predictor.service.text_pipe)
+    assert encoder.checked(NEGATIVE_PREFIX + negative, "negative_prompt")[1] == 225
+    with pytest.raises(InvalidInput, match="`negative_prompt` must be at most 225 tokens"):
+        encoder.checked(NEGATIVE_PREFIX + negative + " quiet", "negative_prompt")
+
+
+@pytest.mark.parametrize(("tokens", "windows"), [(75, 1), (76, 2), (150, 2), (151, 3),
+                                                 (225, 3)])
+def test_windows_hold_75_tokens_and_prompt_and_negative_are_padded_alike(predictor, tokens,
+                                                                       windows):
+    encoder = prompt_encoder(predictor.service.text_pipe)
+    prompt = _tokens(tokens)
+    assert encoder.checked(prompt, "prompt")[1] == tokens
+    embeds = encoder.encode(prompt, NEGATIVE_PREFIX + "blurry")
+    assert embeds.prompt_embeds.shape == (1, 77 * windows, 32 + 48)
+    assert embeds.negative_prompt_embeds.shape == embeds.prompt_embeds.shape
+    assert embeds.pooled_prompt_embeds.shape == (1, 48)
+    # the other way round: a long negative pads a short prompt
+    swapped = encoder.encode("a man", prompt)
+    assert swapped.prompt_embeds.shape == (1, 77 * windows, 32 + 48)
+
+
+def test_a_window_ends_at_the_last_whole_word(predictor):
+    """73 one-token words, then "juggernaut" (4 tokens) across CLIP's 75: the first window
+    holds the 73 words, the second the whole word, on both encoders."""
+    text_pipe = predictor.service.text_pipe
+    prompt = _tokens(73) + " juggernaut"
+    assert count_tokens(text_pipe, prompt) == 77
+    encoder = prompt_encoder(text_pipe)
+    tokenizer = text_pipe.tokenizer
+    word = tokenizer("juggernaut", add_special_tokens=False).input_ids
+    first = tokenizer(_tokens(73), add_special_tokens=False).input_ids
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for compel, pad in ((encoder.compel_1, eos), (encoder.compel_2, 0)):  # tokenizer_2 pads "!"
+        ids, _, _ = compel.conditioning_provider.get_token_ids_and_expand_weights(
+            [prompt], [1.0], device="cpu")
+        windows = ids.reshape(-1, 77).tolist()
+        assert windows[0] == [bos, *first, eos] + [pad] * (WINDOW_TOKENS - 73)
+        assert windows[1] == [bos, *word, eos] + [pad] * (WINDOW_TOKENS - 4)
+    assert encoder.encode(prompt, NEGATIVE_PREFIX).prompt_embeds.shape == (1, 154, 80)
+
+
+def test_exclamation_marks_split_both_encoders_alike(predictor):
+    """SDXL's tokenizer_2 pads with `!` and so reads every `!` of a prompt as that special
+    token (`wow!!!`: 2 tokens on tokenizer 1, 4 on tokenizer 2); both encoders read the prompt as
+    tokenizer 1 does, so a 60-token prompt stays one window on both (it was 77 + 154 positions,
+    a RuntimeError joining them)."""
+    text_pipe = predictor.service.text_pipe
+    prompt = "wow!!! " * 30
+    assert len(text_pipe.tokenizer_2(prompt, add_special_tokens=False).input_ids) == 120
+    assert count_tokens(text_pipe, prompt) == 60
+    embeds = prompt_encoder(text_pipe).encode(prompt, NEGATIVE_PREFIX)
+    assert embeds.prompt_embeds.shape == (1, 77, 80)
+    request = validate_request({"prompt": "wow!!! " * 40, **FAST})  # 80 + 5 tokens
+    assert predictor.service.run(request).to_json()["prompt_tokens"]["prompt"] == 85
 
 
 def test_an_over_limit_prompt_is_refused_naming_prompt(predictor):

@@ -27,6 +27,7 @@ from pipeline.faces import detect_target_faces, load_face_models
 from pipeline.generate import GenerationParams, text_to_image
 from pipeline.generate import load_text_pipeline as production_text_pipeline
 from pipeline.layout import Layout
+from pipeline.weights.lock import load_lock, sha256_file
 from twins.faces import write_face_twins
 from twins.markers import (
     MARKER_THRESHOLD,
@@ -39,14 +40,17 @@ from twins.sdxl import (
     BOS,
     EOS,
     MARKER_CHECKPOINT,
-    MERGES,
+    VOCAB_SIZE,
     checkpoint_seeds,
+    clip_merges,
     tiny_components,
     tokenizer_vocab,
     write_sdxl_twins,
 )
 
 PROMPT = "RAW photo, masterpiece, a woman"
+PHRASE = "a detailed portrait photograph of a tall person standing in a quiet street at dusk"
+ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -98,7 +102,8 @@ def test_checkpoint_is_original_layout_fp16_sdxl_base(layout, name):
     # One tensor per parameter, except q, k, v fused into OpenCLIP's in_proj (weight and bias).
     fused = 2 * 2 * components["text_encoder_2"].config.num_hidden_layers
     assert len(state) == sum(len(components[c].state_dict()) for c in COMPONENTS) - fused
-    assert getattr(layout, name).stat().st_size < 10_000_000
+    # ~8 MB of it the two token embedding tables (49,408 ids x 32 and x 48, fp16).
+    assert getattr(layout, name).stat().st_size < 16_000_000
 
 
 @pytest.mark.parametrize("name", ["cyberrealistic", "juggernaut"])
@@ -128,20 +133,52 @@ def test_checkpoints_differ_and_writer_is_deterministic(layout, tmp_path):
         assert len(digests) == 1, name
 
 
-def test_tokenizers_encode_within_vocab(layout):
+def test_tokenizer_files_are_the_locked_sdxl_files(layout):
+    """vocab.json, merges.txt and both special-token configs of tokenizer/ and tokenizer_2/ are
+    byte for byte the files `weights.lock` pins for SDXL base."""
+    entry = {e.name: e for e in load_lock(ROOT / "weights.lock").weights}["sdxl-base-config"]
+    locked = {f.path: f for f in entry.files if f.path.startswith("tokenizer")}
+    assert len(locked) == 8
+    for path, pinned in locked.items():
+        written = layout.sdxl_config / path
+        assert written.stat().st_size == pinned.size, path
+        assert sha256_file(written) == pinned.digest, path
+    written = {p.relative_to(layout.sdxl_config).as_posix()
+               for p in layout.sdxl_config.glob("tokenizer*/*")}
+    assert written == set(locked)
+
+
+def test_tokenizers_are_clips(layout):
     vocab = tokenizer_vocab()
+    assert len(vocab) == VOCAB_SIZE == 49408 and len(clip_merges()) == 48894
+    assert vocab["!"] == 0 and vocab[BOS] == 49406 and vocab[EOS] == 49407
     for folder in ("tokenizer", "tokenizer_2"):
         tokenizer = CLIPTokenizer.from_pretrained(layout.sdxl_config / folder)
+        assert len(tokenizer) == VOCAB_SIZE
         ids = tokenizer(PROMPT, padding="max_length", max_length=77).input_ids
         assert len(ids) == 77
-        assert ids[0] == vocab[BOS] and vocab[EOS] in ids
-        assert all(0 <= i < len(vocab) for i in ids)
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        assert tokens[1:4] == ["r", "a", "w</w>"]  # lower-cased, byte-level, word ends
-        assert "ma" in tokens and "er" in tokens  # the merges apply
-        assert tokenizer.pad_token == (EOS if folder == "tokenizer" else "!")
-        assert tokenizer.convert_tokens_to_ids("!") == 0  # as in the real CLIP vocabulary
-    assert len(MERGES) + 2 * 256 + 2 == len(vocab)
+        assert tokens[:8] == [BOS, "raw</w>", "photo</w>", ",</w>", "masterpiece</w>", ",</w>",
+                              "a</w>", "woman</w>"]
+        assert tokens[8] == EOS
+        pad = EOS if folder == "tokenizer" else "!"  # as SDXL base's tokenizer_2
+        assert tokenizer.pad_token == pad and tokens[9:] == [pad] * 68
+    for folder in ("text_encoder", "text_encoder_2"):
+        config = json.loads((layout.sdxl_config / folder / "config.json").read_text())
+        assert config["vocab_size"] == VOCAB_SIZE
+
+
+def test_tokenizer_counts_as_openai_clip_does(layout):
+    """The reference: OpenAI CLIP's own BPE tokenizer as open-clip-torch ships it (it reads the
+    merge list itself, not our vocab.json), on plain words, punctuation, digits, accents and
+    weight syntax."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer()
+    tokenizer = CLIPTokenizer.from_pretrained(layout.sdxl_config / "tokenizer")
+    for text in [PHRASE, PROMPT, "(worst quality, low quality:1.4), blurry",
+                 "Héllo wörld!! 1234 it's a céilí", "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"]:
+        assert tokenizer(text).input_ids[1:-1] == reference.encode(text), text
 
 
 def test_text_generation_runs(layout):

@@ -9,8 +9,12 @@ Written in the production layout and read by the production loaders unchanged
   of widths 32 and 48 (single-file loading tells them apart by width; the second has 10 layers
   because `infer_diffusers_model_type` recognises SDXL base by its 10th OpenCLIP block), a UNet
   with SDXL's block structure at widths (32, 64), a 4-block VAE (scale factor 8, as SDXL's), the
-  SDXL Euler scheduler config and a byte-level CLIP BPE tokenizer built here (256 byte symbols,
-  the same with `</w>`, a few merges, then `<|startoftext|>` and `<|endoftext|>`).
+  SDXL Euler scheduler config and SDXL's two real CLIP tokenizers: `vocab.json` (49,408 ids),
+  `merges.txt`, `special_tokens_map.json` and `tokenizer_config.json` byte for byte as
+  `weights.lock` pins them (the first pads with `<|endoftext|>`, the second with `!`), rebuilt
+  from CLIP's BPE merge list as the `open-clip-torch` package ships it
+  (`open_clip/bpe_simple_vocab_16e6.txt.gz`, MIT; a development dependency), so prompts count
+  the tokens they count in production. The text encoders' embedding tables have all 49,408 rows.
 - `layout.cyberrealistic` and `layout.juggernaut`: fp16 safetensors in the original (sgm)
   key layout: `model.diffusion_model.*`, `first_stage_model.*`,
   `conditioner.embedders.0.transformer.text_model.*` (CLIP-L, transformers names) and
@@ -28,6 +32,9 @@ are masked to their regions, and noise otherwise. Deterministic; no network.
 
 from __future__ import annotations
 
+import functools
+import gzip
+import importlib.metadata
 import json
 import logging
 from pathlib import Path
@@ -49,7 +56,11 @@ SEED_OFFSETS = {"cyberrealistic": 0, "juggernaut": 1}  # checkpoint seed = seed 
 MARKER_CHECKPOINT = "cyberrealistic"
 NOISE_STD = 0.02  # added to every initialised parameter
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MERGES = ("i n", "t h", "a n", "e r", "o n</w>", "th e</w>", "e s", "o r", "a r", "m a")
+# CLIP's BPE merge list: the file open-clip-torch ships (the one OpenAI's CLIP ships), a header
+# line then 262,144 merges, of which CLIP's vocabulary uses the first 48,894.
+CLIP_BPE = ("open-clip-torch", "open_clip/bpe_simple_vocab_16e6.txt.gz")
+VOCAB_SIZE = 49408  # 256 byte symbols, the same with `</w>`, 48,894 merges, BOS, EOS
+MERGE_COUNT = VOCAB_SIZE - 2 * 256 - 2
 MAX_LENGTH = 77  # CLIP's context, as the real tokenizers and position embeddings
 TEXT_WIDTHS = (32, 48)  # CLIP-L stand-in, OpenCLIP bigG stand-in (real: 768, 1280)
 TIME_EMBED_DIM = 8  # addition_time_embed_dim (real: 256); 6 time ids
@@ -102,26 +113,72 @@ def byte_symbols() -> list[str]:
     return [chr(byte) for byte in printable] + [chr(256 + n) for n in range(len(shifted))]
 
 
+@functools.cache
+def clip_merges() -> tuple[str, ...]:
+    """CLIP's 48,894 BPE merges ("a b" pairs, in rank order), read from the installed
+    open-clip-torch distribution without importing it (as OpenAI's `SimpleTokenizer` reads
+    them: the file's first line is a header, then `merges[1:49152 - 256 - 2 + 1]`)."""
+    package, member = CLIP_BPE
+    path = Path(str(importlib.metadata.distribution(package).locate_file(member)))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CLIP's BPE merges, from the {package} package "
+                                "(requirements-dev.txt); install the development requirements")
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    merges = tuple(lines[1:1 + MERGE_COUNT])
+    if len(merges) != MERGE_COUNT:
+        raise ValueError(f"{path}: {len(merges)} merges, CLIP's vocabulary needs {MERGE_COUNT}")
+    return merges
+
+
 def tokenizer_vocab() -> dict[str, int]:
-    """CLIP's vocabulary order: byte symbols, the same with `</w>`, merge results, specials."""
+    """CLIP's vocabulary (49,408 ids): byte symbols, the same with `</w>`, merge results,
+    `<|startoftext|>` (49406), `<|endoftext|>` (49407)."""
     symbols = byte_symbols()
-    tokens = [*symbols, *(s + "</w>" for s in symbols), *(m.replace(" ", "") for m in MERGES),
-              BOS, EOS]
+    tokens = [*symbols, *(s + "</w>" for s in symbols),
+              *(merge.replace(" ", "") for merge in clip_merges()), BOS, EOS]
     return {token: index for index, token in enumerate(tokens)}
+
+
+def _added_token(content: str, *, typed: bool) -> dict:
+    token = {"content": content, "lstrip": False, "normalized": True, "rstrip": False,
+             "single_word": False}
+    return {"__type": "AddedToken", **token} if typed else token
+
+
+def _json_file(value: dict, **options) -> bytes:
+    return (json.dumps(value, indent=2, **options) + "\n").encode("utf-8")
+
+
+def tokenizer_files(pad_token: str) -> dict[str, bytes]:
+    """The four files of an SDXL base tokenizer folder padding with `pad_token`, serialised as
+    the Hugging Face repository holds them (`weights.lock`'s sizes and sha256): vocab.json with
+    sorted keys, two-space indent and non-ASCII kept, merges.txt under `#version: 0.2`, each
+    ending in a newline."""
+    return dict(_tokenizer_files(pad_token))
+
+
+@functools.cache
+def _tokenizer_files(pad_token: str) -> dict[str, bytes]:
+    def specials(typed: bool) -> dict:
+        return {"bos_token": _added_token(BOS, typed=typed),
+                "eos_token": _added_token(EOS, typed=typed), "pad_token": pad_token,
+                "unk_token": _added_token(EOS, typed=typed)}
+
+    config = {"add_prefix_space": False, **specials(typed=True),
+              "clean_up_tokenization_spaces": True, "do_lower_case": True, "errors": "replace",
+              "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer"}
+    return {
+        "merges.txt": ("#version: 0.2\n" + "\n".join(clip_merges()) + "\n").encode("utf-8"),
+        "special_tokens_map.json": _json_file(specials(typed=False)),
+        "tokenizer_config.json": _json_file(config, sort_keys=True),
+        "vocab.json": _json_file(tokenizer_vocab(), ensure_ascii=False, sort_keys=True),
+    }
 
 
 def _write_tokenizer(folder: Path, pad_token: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(tokenizer_vocab(), ensure_ascii=False),
-                                       encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n",
-                                       encoding="utf-8")
-    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    config = {**specials, "add_prefix_space": False, "clean_up_tokenization_spaces": True,
-              "do_lower_case": True, "errors": "replace", "model_max_length": MAX_LENGTH,
-              "tokenizer_class": "CLIPTokenizer"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    for name, data in tokenizer_files(pad_token).items():
+        (folder / name).write_bytes(data)
 
 
 # ---------------------------------------------------------------------------- config folder
@@ -130,7 +187,7 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
 def _text_config(width: int, layers: int, act: str, pad_token: str) -> CLIPTextConfig:
     vocab = tokenizer_vocab()
     return CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+        vocab_size=VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width,
         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
         hidden_act=act, projection_dim=width, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
         pad_token_id=vocab[pad_token])
