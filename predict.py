@@ -17,7 +17,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from cog import BaseModel, BasePredictor, Input, Path
 
 from pipeline.cancel import CancelToken
-from pipeline.cog_inputs import UPLOAD_DESCRIPTION, is_omitted, payload_from_cog
+from pipeline.cog_inputs import UPLOAD_INPUT, is_omitted, payload_from_cog
 from pipeline.output import encode_image
 from pipeline.results import Progress, Result
 from pipeline.schema import (
@@ -112,7 +112,8 @@ class Predictor(BasePredictor):
         seed: int | None = Input(**Inputs.seed.cog()),
         num_outputs: int = Input(**Inputs.num_outputs.cog()),
         image_url: str | None = Input(**Inputs.image_url.cog()),
-        image: Path | None = Input(default=None, description=UPLOAD_DESCRIPTION),
+        # A str, so Cog never downloads it: a data: URI only (pipeline.cog_inputs).
+        image: str | None = Input(**UPLOAD_INPUT),
         face_description: str = Input(**Inputs.face_description.cog()),
         face_index: int | None = Input(**Inputs.face_index.cog()),
         target_description: str = Input(**Inputs.target_description.cog()),
@@ -132,7 +133,7 @@ class Predictor(BasePredictor):
             "identities": identities, "require_face_swap": require_face_swap,
             "output_format": output_format, "output_quality": output_quality,
         })
-        upload = None if image is None or is_omitted(image) else str(image)
+        upload = None if image is None or is_omitted(image) else image
         request = validate_request(payload, upload=upload)
         result = self._generate_stoppable(request)
         return self._output(result, request)

@@ -16,15 +16,25 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.fields import FieldSpec
-from pipeline.schema import OUTPUT_FIELDS, REQUEST_FIELDS, Inputs
+from pipeline.schema import MAX_IMAGE_URL_CHARS, OUTPUT_FIELDS, REQUEST_FIELDS, Inputs
 
 # The fields Cog exposes as inputs, flat, in its order (RunPod-only output options left out).
 COG_FIELDS: tuple[FieldSpec, ...] = (*REQUEST_FIELDS,
                                      *(spec for spec in OUTPUT_FIELDS if not spec.runpod_only))
 
-# The Cog-only `image` input (RunPod payloads cannot carry files); it becomes `upload=`.
-UPLOAD_DESCRIPTION = ("Face reference image, uploaded. Enables face swap; give this or "
-                      "image_url, not both.")
+# The Cog-only `image` input (RunPod payloads cannot carry files); it becomes `upload=`. A `str`,
+# not a `cog.Path`: Cog downloads a Path given as an http(s) URL itself, outside our address
+# guard, and hands a Path that is no URL to predict() as a local path. A str reaches us as
+# sent; `cog predict -i image=@face.jpg` sends the file as a data: URI whatever the type, and
+# `pipeline.schema.check_upload` accepts nothing else. The pattern and length also go into the
+# OpenAPI schema, so a built image (and the local server, `scripts/write_cog_schema.py`)
+# answers 422 at the edge.
+UPLOAD_DESCRIPTION = ("Face reference image, uploaded (a data: URI; `cog predict -i "
+                      "image=@face.jpg` sends one). Enables face swap; give this or image_url, "
+                      "not both; URLs go in image_url.")
+UPLOAD_PATTERN = "^data:"
+UPLOAD_INPUT: dict[str, Any] = {"default": None, "description": UPLOAD_DESCRIPTION,
+                                "regex": UPLOAD_PATTERN, "max_length": MAX_IMAGE_URL_CHARS}
 
 _COG_SPECS = {spec.cog_key: spec for spec in COG_FIELDS}
 

@@ -21,6 +21,7 @@ Stages, in order (constants in `pipeline.faces`, `pipeline.identity`, `pipeline.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ from pipeline.targets import assign_targets, disjoint_masks, refine_offsets, reg
 if TYPE_CHECKING:
     from pipeline.faces import Face, FaceModels
     from pipeline.picker import FacePicker
+
+log = logging.getLogger(__name__)
 
 # Paste-back (seed recipe): the SAM mask is blurred by MASK_BLUR_PX, and the crop's own edge is
 # feathered over FEATHER_PX so no seam shows where the refined crop meets the scene.
@@ -112,6 +115,7 @@ class FaceSwapStage:
         if identity.face_index is not None:
             return face_ops.choose_face(list(found), identity.face_index, index_field)
         if identity.face_description.strip() and self.picker is not None and len(found) > 1:
+            log.info("stage: picker")
             picked = self.picker.pick(image, [face.box for face in found],
                                       identity.face_description, field=identity.image_field)
             return picked.index, picked.picked_by
@@ -143,6 +147,7 @@ class FaceSwapStage:
         loaded = []
         for identity in identities:
             cancel.check("reference")
+            log.info("stage: reference")  # stage lines: where a request is, from its log
             with timings.stage("reference"):
                 image = load_reference_image(url=identity.image_url, path=identity.image_path,
                                              url_field=identity.image_field)
@@ -220,6 +225,7 @@ class FaceSwapStage:
         box = face_ops.crop_box(target.box, scene.size)
         crop_mask = mask[box[1]:box[3], box[0]:box[2]]
         with timings.stage("refine"):
+            log.info("stage: refine")
             keypoints = face_ops.target_keypoints(target) - np.array(box[:2], dtype=np.float32)
             outcome.refine = {}
             recipe = refine_recipe(recipe or self.identity.recipe, request.preset, params.steps)

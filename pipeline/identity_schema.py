@@ -20,7 +20,8 @@ MAX_DESCRIPTION_CHARS = 300
 # A data: URI carries the image itself; its decoded size is bounded again in image_input.
 MAX_IMAGE_URL_CHARS = 28 * 1024 * 1024
 MAX_FACE_INDEX = 63
-# The Cog-only upload input (RunPod payloads cannot carry files); it becomes `Request.image_path`.
+# The Cog-only upload input (RunPod payloads cannot carry files): a data: URI, never a URL or a
+# path (`pipeline.schema.check_upload`); it becomes `Request.image_upload`.
 UPLOAD = "image"
 
 
@@ -61,12 +62,13 @@ class Identity:
     target_description: str = IdentityInputs.target_description.default
     target_index: int | None = IdentityInputs.target_index.default
     field: str = ""
-    image_path: str | None = None  # a Cog upload (single-reference form only)
+    image_path: str | None = None  # a trusted local file (the service's warm-up photo)
+    upload: bool = False  # `image_url` holds the Cog `image` upload (a data: URI)
 
     @property
     def image_field(self) -> str:
         """The request field that holds this reference's image, for errors."""
-        if self.image_url is None and self.image_path is not None:
+        if self.upload or (self.image_url is None and self.image_path is not None):
             return UPLOAD
         return self.field + "image_url"
 

@@ -1,9 +1,11 @@
 """The face reference image: read from an untrusted source, checked, decoded, made plain RGB.
 
-Three sources, all treated as hostile: `image_url` as an http(s) URL (fetched by
-`pipeline.url_fetch`, which guards the network side), `image_url` as a `data:` URI (size checked
-on the base64 text before decoding) and the Cog `image` upload (a local path, read with a size
-limit). Whatever the source and whatever its declared content type, the bytes must be a still
+Two sources, both treated as hostile: an http(s) URL in `image_url` (fetched by
+`pipeline.url_fetch`, which guards the network side) and a `data:` URI (size checked on the base64
+text before decoding) in `image_url` or in the Cog `image` upload, which is only ever a data: URI
+(Cog never downloads it, and a URL or a path there is refused naming `image`). A local file is
+read only for the service's own warm-up photo (`path=`, with a size limit). Whatever the source
+and whatever its declared content type, the bytes must be a still
 image in a supported format: sniffed by magic bytes, opened only by that Pillow plugin (never
 Ghostscript, SVG or the like), size-checked before the pixels are decoded (our pixel limit, and
 Pillow's decompression-bomb guard behind it), then fully decoded. EXIF orientation is applied
@@ -265,33 +267,32 @@ def read_upload(path: str | Path, *, field: str = "image",
     return b"".join(chunks)
 
 
-def _is_url(text: str) -> bool:
-    return text.strip()[:8].lower().startswith(("http://", "https://", "data:"))
+UPLOAD_FIELD = "image"  # the Cog upload (`pipeline.identity_schema.UPLOAD`): data: URIs only
 
 
 def load_reference_image(*, url: str | None = None, path: str | Path | None = None,
                          resolve: Resolver | None = None,
                          allow_loopback: bool = False,
                          url_field: str = "image_url") -> Image.Image:
-    """The reference image as RGB, from `image_url` (http(s) or data: URI) or the `image` upload.
+    """The reference image as RGB, from `url` (an http(s) URL or a data: URI, named `url_field`
+    in errors: `image_url`, `identities[i].image_url`, or `image` for the Cog upload, which
+    must be a data: URI) or from `path`, a trusted local file (the warm-up photo).
 
     `resolve(host, port) -> [ip, ...]` replaces the system resolver and `allow_loopback` lets
-    127.0.0.1 through (both for tests only). Raises
-    ImageInputError with field `url_field` (an `identities[i].image_url`) or "image".
+    127.0.0.1 through (both for tests only). Raises ImageInputError naming the field.
     """
     if url is not None and path is not None:
-        raise ImageInputError("image", "give either image or image_url, not both")
+        raise ImageInputError(UPLOAD_FIELD, "give either image or image_url, not both")
     if url is None and path is None:
         raise ValueError("load_reference_image needs url or path")
-    if url is not None:
-        field, source = url_field, url.strip()
-    elif isinstance(path, str) and _is_url(path):
-        # A URL in the Cog Path input: fetched under the same rules as image_url.
-        field, source = "image", path.strip()
-    else:
-        return decode_image(read_upload(path, field="image"), "image", reveal=False)
+    if url is None:
+        return decode_image(read_upload(path, field=UPLOAD_FIELD), UPLOAD_FIELD, reveal=False)
+    field, source = url_field, url.strip()
     if source[:5].lower() == "data:":
         got = read_data_uri(source, field=field)
+    elif field == UPLOAD_FIELD:  # checked by the schema already; never fetched, never read
+        raise ImageInputError(field, "must be an uploaded file (a data: URI); give URLs in "
+                                     "image_url")
     else:
         got = fetch(source, field=field, resolve=resolve, allow_loopback=allow_loopback)
     return decode_image(got.data, field, content_type=got.content_type)

@@ -12,7 +12,8 @@ only `requests` installed.
 `validate_request(payload, upload=..., volume_root=...)` takes a RunPod-style dict (`output`
 nested) and returns a frozen `Request`, or raises one `InvalidInput` naming the field, the rule
 and the value. The adapters only translate: Cog's flat inputs become such a dict in
-`pipeline.cog_inputs` (an upload comes as `upload=`), RunPod passes its volume root.
+`pipeline.cog_inputs` (the `image` upload, a data: URI, comes as `upload=`), RunPod passes its
+volume root.
 """
 
 from __future__ import annotations
@@ -208,24 +209,31 @@ class Request:
     identities: tuple[Identity, ...] | None = Inputs.identities.default
     require_face_swap: bool = Inputs.require_face_swap.default
     output: OutputOptions = field(default_factory=OutputOptions)
-    # A Cog upload (a local file); RunPod payloads cannot carry files and never set it.
+    # The Cog `image` upload: a data: URI (`check_upload`); RunPod payloads never set it.
+    image_upload: str | None = None
+    # A trusted local file, set only by our own code (the service's warm-up photo,
+    # bench/fidelity.py), never from a request: Cog's `image` is a data: URI, so no caller
+    # names a file for the worker to read.
     image_path: str | None = None
 
     @property
     def wants_face_swap(self) -> bool:
-        return bool(self.identities) or self.image_url is not None or self.image_path is not None
+        return bool(self.identities) or any(
+            source is not None for source in (self.image_url, self.image_upload, self.image_path))
 
     @property
     def references(self) -> tuple[Identity, ...]:
         """Every identity of the request: the `identities` entries, or the one the
-        single-reference fields describe; empty in text mode."""
+        single-reference fields describe; empty in text mode. The `image` upload travels as
+        the identity's `image_url` (a data: URI), its errors naming `image`."""
         if self.identities:
             return self.identities
-        if self.image_url is None and self.image_path is None:
+        if self.image_url is None and self.image_upload is None and self.image_path is None:
             return ()
-        return (Identity(self.image_url, self.face_description, self.face_index,
-                         self.target_description, self.target_index,
-                         image_path=self.image_path),)
+        upload = self.image_upload is not None
+        return (Identity(self.image_upload if upload else self.image_url, self.face_description,
+                         self.face_index, self.target_description, self.target_index,
+                         image_path=self.image_path, upload=upload),)
 
 
 def _assert_mirrors(cls: type, specs: tuple[FieldSpec, ...], extra: tuple[str, ...]) -> None:
@@ -239,8 +247,8 @@ def _assert_mirrors(cls: type, specs: tuple[FieldSpec, ...], extra: tuple[str, .
 
 
 _assert_mirrors(OutputOptions, OUTPUT_FIELDS, ())
-_assert_mirrors(Request, REQUEST_FIELDS, ("output", "image_path"))
-_assert_mirrors(Identity, IDENTITY_FIELDS, ("field", "image_path"))
+_assert_mirrors(Request, REQUEST_FIELDS, ("output", "image_upload", "image_path"))
+_assert_mirrors(Identity, IDENTITY_FIELDS, ("field", "image_path", "upload"))
 
 
 def validate_output(value: Any) -> OutputOptions:
@@ -257,7 +265,8 @@ def validate_request(payload: Any, *, upload: str | None = None,
                      volume_root: Path | None = None) -> Request:
     """Validate a RunPod-style input dict; raise InvalidInput naming the first bad field.
 
-    `upload`: the local path of a Cog upload (`image`), refused together with `image_url`.
+    `upload`: Cog's `image` input as sent (`check_upload`: a data: URI only), refused together
+    with `image_url`.
     `volume_root`: where `output.save_to_volume` writes (RunPod); given, the folder is resolved
     against it now, links followed, so an escape is refused before any GPU work. The lexical
     rules of `output.volume_path` apply always.
@@ -266,6 +275,7 @@ def validate_request(payload: Any, *, upload: str | None = None,
         raise InvalidInput("input", f"must be an object, got {type_name(payload)} "
                                     f"{shorten(payload)}")
     values = check_object(payload, REQUEST_FIELDS, "", also_known=("output",))
+    upload = check_upload(upload)
     if upload is not None and values[Inputs.image_url.name] is not None:
         raise InvalidInput(UPLOAD, f"must not be given together with `{Inputs.image_url.name}` "
                                    "(give one of them), got both")
@@ -279,7 +289,36 @@ def validate_request(payload: Any, *, upload: str | None = None,
     output = validate_output(payload.get("output"))
     if output.save_to_volume and volume_root is not None:
         resolve_volume_dir(output.volume_path, volume_root)
-    return Request(**values, output=output, image_path=upload)
+    return Request(**values, output=output, image_upload=upload)
+
+
+def check_upload(value: Any) -> str | None:
+    """Cog's `image` input: an uploaded file as a data: URI (what `cog predict -i image=@face.jpg`
+    sends), or None when blank. Cog itself never downloads it (`image` is a `str`): an http(s)
+    URL is refused, pointing at `image_url` (fetched under our address rules), and so is any
+    other string, a local path above all (never read). The data itself is checked when the
+    reference loads (`pipeline.image_input`), its errors naming `image`."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(UPLOAD, f"must be a data: URI string, got {type_name(value)}")
+    text = value.strip()
+    if not text:
+        return None  # as for image_url: empty means "no reference"
+    scheme = text[:8].lower()
+    if scheme.startswith(("http://", "https://")):
+        raise InvalidInput(UPLOAD, f"must be an uploaded file (a data: URI, as `cog predict -i "
+                                   f"image=@face.jpg` sends), got an http(s) URL: give URLs in "
+                                   f"`{Inputs.image_url.name}`, which the worker fetches under "
+                                   f"its address rules")
+    if not scheme.startswith("data:"):
+        raise InvalidInput(UPLOAD, "must be an uploaded file as a data: URI (`cog predict -i "
+                                   "image=@face.jpg` sends one); local paths and other strings "
+                                   "are not read")
+    if len(text) > MAX_IMAGE_URL_CHARS:
+        raise InvalidInput(UPLOAD, f"must be at most {MAX_IMAGE_URL_CHARS} characters, got "
+                                   f"{len(text)}")
+    return text
 
 
 def _identities(values: dict[str, Any], upload: str | None) -> tuple[Identity, ...] | None:

@@ -12,13 +12,35 @@ from pathlib import Path
 import requests
 
 STARTUP_TIMEOUT_S = 240
-BUSY_RETRIES = 50
+# coglet 0.23.1 frees its one prediction slot only after it sent the previous answer, so a
+# request posted the moment that answer arrives may get `409 At capacity` (no prediction is
+# created: always safe to send again). Retried with a short exponential backoff.
+BUSY_STATUS = 409
+BUSY_FIRST_WAIT_S, BUSY_MAX_WAIT_S, BUSY_TOTAL_S = 0.05, 1.0, 30.0
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def post_prediction(url: str, body: dict, *, headers: dict | None = None,
+                    timeout: float = 300, busy_total_s: float = BUSY_TOTAL_S,
+                    sleep=time.sleep) -> requests.Response:
+    """POST `body` to `<url>/predictions`, sending it again while the server answers 409 (its
+    slot still busy): after 50 ms, doubling to 1 s, for at most `busy_total_s` in all; then the
+    last 409 is returned. A 409 that never ends means a dead worker (`/health-check` then says
+    UNHEALTHY). Keep `timeout` long: a synchronous client that gives up cancels the prediction."""
+    wait, waited = BUSY_FIRST_WAIT_S, 0.0
+    while True:
+        response = requests.post(f"{url}/predictions", json=body, headers=headers,
+                                 timeout=timeout)
+        if response.status_code != BUSY_STATUS or waited + wait > busy_total_s:
+            return response
+        sleep(wait)
+        waited += wait
+        wait = min(wait * 2, BUSY_MAX_WAIT_S)
 
 
 def server_env(weights: Path, home: Path, **extra: str) -> dict[str, str]:
@@ -88,16 +110,24 @@ class CogServer(_ServerProcess):
             time.sleep(0.5)
         raise RuntimeError(f"Cog server not ready after {STARTUP_TIMEOUT_S} s: {self.log()}")
 
-    def predict(self, inputs: dict, timeout: float = 300) -> requests.Response:
-        """POST /predictions; retried while coglet still reports its one slot busy, which it
-        does for a moment after answering the previous synchronous prediction."""
-        for _ in range(BUSY_RETRIES):
-            response = requests.post(f"{self.url}/predictions", json={"input": inputs},
-                                     timeout=timeout)
-            if "all prediction slots busy" not in response.text:
-                return response
-            time.sleep(0.2)
-        return response
+    def predict(self, inputs: dict, timeout: float = 300, **body) -> requests.Response:
+        """POST /predictions (synchronous), retried on 409 (`post_prediction`); `body` adds
+        request fields (`id`, `webhook`, ...)."""
+        return post_prediction(self.url, {"input": inputs, **body}, timeout=timeout)
+
+    def predict_async(self, inputs: dict, **body) -> requests.Response:
+        """POST /predictions with `Prefer: respond-async` (202 and the prediction's id; its
+        end reaches a `webhook` in `body`), retried on 409."""
+        return post_prediction(self.url, {"input": inputs, **body},
+                               headers={"Prefer": "respond-async"}, timeout=30)
+
+    def cancel(self, prediction_id: str) -> requests.Response:
+        """POST /predictions/<id>/cancel: 200 while it runs, 404 once it ended."""
+        return requests.post(f"{self.url}/predictions/{prediction_id}/cancel", timeout=30)
+
+    def health(self) -> str:
+        """`/health-check`'s status (READY, BUSY, UNHEALTHY, ...; the HTTP code is always 200)."""
+        return requests.get(f"{self.url}/health-check", timeout=30).json()["status"]
 
 
 class RunPodServer(_ServerProcess):

@@ -49,7 +49,8 @@ def test_predict_inputs_agree_with_the_schema():
         warnings.simplefilter("ignore", DeprecationWarning)
         info = create_predictor("predict", "Predictor")
     inputs = dict(info.inputs)
-    assert inputs.pop("image").type.primitive.name == "PATH"  # the Cog-only upload
+    upload = inputs.pop("image")  # the Cog-only upload: a str (Cog never downloads a str)
+    assert upload.type.primitive.name == "STRING" and upload.regex == "^data:"
     specs = {spec.cog_key: spec for spec in COG_FIELDS}
     assert list(inputs) == list(specs)  # the same inputs, in the schema's order
     for name, field in inputs.items():
@@ -83,3 +84,16 @@ def test_cog_default_steps_mean_omitted_under_fast():
     # Over RunPod (no Cog) 35 under fast is what the client asked for, and refused.
     with pytest.raises(InvalidInput, match="`steps` must be 4 to 12 with preset fast"):
         validate_request({"prompt": "x", "preset": "fast", "steps": 35})
+
+
+def test_the_schema_file_refuses_anything_but_a_data_uri_in_image_at_the_edge():
+    """`scripts/write_cog_schema.py` (what the local server validates against, as a built
+    image does): `image` is a plain string, `^data:` only, bounded like image_url."""
+    from pipeline.schema import MAX_IMAGE_URL_CHARS
+    from scripts.write_cog_schema import openapi_document
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        image = openapi_document()["components"]["schemas"]["Input"]["properties"]["image"]
+    assert image["type"] == "string" and "format" not in image
+    assert image["pattern"] == "^data:" and image["maxLength"] == MAX_IMAGE_URL_CHARS

@@ -205,3 +205,94 @@ def test_target_index_past_the_scene_faces_through_the_cog_server(cog_server):
         assert report["applied"] is False and named[name] in report["reason"], report
         failed = cog_server.predict({**request, "require_face_swap": True})
         assert named[name] in _failure_text(failed)
+
+
+class _CountingServer:
+    """A loopback HTTP server that serves a face photo and counts every request it gets."""
+
+    def __init__(self, body: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hits = 0
+        counter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                counter.hits += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/face.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _refused_naming_image(response) -> str:
+    """The edge's 422 (the schema's `^data:` pattern) or our own refusal, naming `image`."""
+    if response.status_code == 422:
+        detail = response.json()["detail"]
+        assert [entry["loc"][-1] for entry in detail] == ["image"], detail
+        return str(detail)
+    body = response.json()
+    assert body["status"] == "failed" and "`image` " in body["error"], body
+    return body["error"]
+
+
+def test_an_http_url_in_image_is_refused_and_never_downloaded(cog_server):
+    """Cog downloads a `cog.Path` input itself, outside our address guard; `image` is a str,
+    refused at the edge when it is no data: URI, so nothing fetches it (image_url is the
+    field for URLs, fetched by our own guarded fetcher)."""
+    from tests.face_images import marker_scene
+
+    buffer = io.BytesIO()
+    marker_scene((320, 240), [(60, 50, 180, 200)]).save(buffer, format="PNG")
+    photos = _CountingServer(buffer.getvalue())
+    try:
+        response = cog_server.predict({"prompt": "x", "width": 512, "height": 512, "steps": 1,
+                                       "image": photos.url})
+        assert photos.url in _refused_naming_image(response)
+        assert photos.hits == 0
+    finally:
+        photos.close()
+
+
+def test_a_local_path_in_image_is_refused(cog_server):
+    for path in ("/etc/hostname", "face.jpg"):
+        response = cog_server.predict({"prompt": "x", "width": 512, "height": 512, "steps": 1,
+                                       "image": path})
+        assert path in _refused_naming_image(response)
+
+
+def test_a_data_uri_that_is_no_image_is_refused_naming_image(cog_server):
+    """Past the edge's pattern, our own checks name `image` too."""
+    response = cog_server.predict({"prompt": "x", "width": 512, "height": 512, "steps": 1,
+                                   "image": "data:text/plain;base64,aGVsbG8="})
+    assert "`image` must be a data: URI of an image/* media type" in \
+        _refused_naming_image(response)
+
+
+def test_an_uploaded_image_swaps_the_face_as_image_url_does(cog_server):
+    """`cog predict -i image=@face.png` sends a data: URI: the face swap runs, byte for byte
+    as the same photo given as image_url."""
+    reference = _reference_uri([(60, 50, 180, 200)])
+    request = {"prompt": "a knight", "width": 512, "height": 512, "steps": 2, "seed": 1}
+    uploaded = cog_server.predict({**request, "image": reference}).json()
+    assert uploaded["status"] == "succeeded", uploaded.get("error")
+    output = uploaded["output"]
+    assert output["mode"] == "face_swap" and output["face_swap"]["applied"] is True
+    assert len(output["face_swap"]["reference"]["faces"]) == 1
+    by_url = cog_server.predict({**request, "image_url": reference}).json()
+    assert _image_bytes(uploaded) == _image_bytes(by_url)
+    both = cog_server.predict({**request, "image": reference, "image_url": reference})
+    assert "`image` must not be given together with `image_url`" in _failure_text(both)

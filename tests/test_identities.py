@@ -110,8 +110,7 @@ def test_identities_as_a_json_string_equal_the_list():
 
 def test_an_upload_with_identities_is_refused_naming_both():
     with pytest.raises(InvalidInput) as refused:
-        validate_request({"prompt": "x", "identities": [{"image_url": REF_A}]},
-                         upload="/tmp/face.png")
+        validate_request({"prompt": "x", "identities": [{"image_url": REF_A}]}, upload=REF_A)
     assert "`identities` must not be given together with `image`" in str(refused.value)
 
 

@@ -345,7 +345,7 @@ def test_default_data_uri_limit_is_the_image_limit():
         load_reference_image(url="data:image/png;base64," + payload)
 
 
-# ---------------------------------------------------------------- the Cog upload (a local path)
+# ------------------------------------------- a local file (the warm-up photo; never a request's)
 
 
 def test_upload_loads(tmp_path):
@@ -396,13 +396,23 @@ def test_upload_that_is_not_an_image_is_not_echoed(tmp_path):
     assert "is not an image" in str(excinfo.value) and "doctype" not in str(excinfo.value)
 
 
-def test_a_url_in_the_upload_field_goes_through_the_guard():
+def test_the_cog_upload_is_a_data_uri_and_never_fetched():
+    """The Cog `image` upload arrives as a data: URI, decoded under its own name; a URL there
+    is refused before any connection (the schema refuses it first: this is the second line)."""
+    uploaded = load_reference_image(url=data_uri(encode(halves(), "PNG")), url_field="image")
+    assert uploaded.size == (128, 96)
     with pytest.raises(ImageInputError) as excinfo:
-        load_reference_image(path="http://internal.test/face.png",
-                             resolve=lambda host, port: ["10.0.0.5"])
-    assert str(excinfo.value) == ("`image` resolves to a private address (10.0.0.5), "
-                                  "which is not allowed")
-    assert load_reference_image(path=data_uri(encode(halves(), "PNG"))).size == (128, 96)
+        load_reference_image(url="data:image/png;base64,AAAA", url_field="image")
+    assert str(excinfo.value).startswith("`image` ")
+
+    def no_lookup(host, port):
+        raise AssertionError(f"looked up {host}:{port}")
+
+    for url in ("http://internal.test/face.png", "/etc/hostname"):
+        with pytest.raises(ImageInputError) as excinfo:
+            load_reference_image(url=url, url_field="image", resolve=no_lookup)
+        assert str(excinfo.value) == ("`image` must be an uploaded file (a data: URI); give "
+                                      "URLs in image_url")
 
 
 def test_arguments_are_checked():

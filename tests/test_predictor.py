@@ -44,12 +44,25 @@ def test_unknown_input_is_refused(predictor):
         predictor.predict(**_declared_inputs(predictor), prompt_strength=0.5)
 
 
-def test_upload_and_image_url_together_are_refused(predictor, tmp_path):
-    from cog import Path
-
-    upload = tmp_path / "face.png"
-    upload.write_bytes(b"not read: the request is refused first")
+def test_upload_and_image_url_together_are_refused(predictor):
     inputs = _declared_inputs(predictor)
-    inputs.update(prompt="x", image=Path(upload), image_url="https://example.com/face.png")
+    inputs.update(prompt="x", image="data:image/png;base64,iVBORw0KGgo=",
+                  image_url="https://example.com/face.png")
     with pytest.raises(InvalidInput, match="`image` must not be given together with `image_url`"):
         predictor.predict(**inputs)
+
+
+def test_the_upload_is_a_str_so_cog_never_downloads_it(predictor):
+    """coglet downloads an input itself only when it is annotated `cog.Path`; `image` is a
+    `str`, checked by us: a URL points at image_url, a local path is never read."""
+    import typing
+
+    hints = typing.get_type_hints(type(predictor).predict)
+    assert hints["image"] == (str | None)
+    for value, words in (("http://127.0.0.1:9/face.png", "give URLs in `image_url`"),
+                         ("/etc/hostname", "local paths and other strings are not read")):
+        inputs = _declared_inputs(predictor)
+        inputs.update(prompt="x", image=value)
+        with pytest.raises(InvalidInput) as caught:
+            predictor.predict(**inputs)
+        assert caught.value.field == "image" and words in str(caught.value)

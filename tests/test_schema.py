@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.errors import InvalidInput
 from pipeline.schema import (
+    MAX_IMAGE_URL_CHARS,
     MAX_SEED,
     OUTPUT_FIELDS,
     OUTPUT_FORMATS,
@@ -97,7 +98,8 @@ def test_largest_seed_and_integral_floats_are_accepted():
 
 def test_every_request_field_is_on_the_request():
     names = [f.name for f in dataclasses.fields(Request)]
-    assert names == [spec.name for spec in REQUEST_FIELDS] + ["output", "image_path"]
+    assert names == [spec.name for spec in REQUEST_FIELDS] + ["output", "image_upload",
+                                                                "image_path"]
     assert [f.name for f in dataclasses.fields(OutputOptions)] == [s.name for s in OUTPUT_FIELDS]
 
 
@@ -152,16 +154,48 @@ def test_one_format_table():
         OUTPUT_FORMATS["gif"] = OUTPUT_FORMATS["png"]  # type: ignore[index]
 
 
+UPLOADED = "data:image/png;base64,iVBORw0KGgo="
+
+
 def test_upload_and_image_url_together_are_refused_naming_both():
     with pytest.raises(InvalidInput) as caught:
         validate_request({"prompt": "x", "image_url": "https://example.com/f.png"},
-                         upload="/tmp/face.png")
+                         upload=UPLOADED)
     assert caught.value.field == UPLOAD == "image"
     assert "`image` must not be given together with `image_url`" in str(caught.value)
-    request = validate_request({"prompt": "x"}, upload="/tmp/face.png")
-    assert request.image_path == "/tmp/face.png" and request.wants_face_swap
+    request = validate_request({"prompt": "x"}, upload=UPLOADED)
+    assert request.image_upload == UPLOADED and request.image_path is None
+    assert request.wants_face_swap and request.image_url is None
+    # The upload is the one reference, carried as a data: URI, its errors naming `image`.
+    (reference,) = request.references
+    assert reference.image_url == UPLOADED and reference.image_field == "image"
     # An empty image_url means "no reference": the upload alone is the reference.
-    assert validate_request({"prompt": "x", "image_url": ""}, upload="/tmp/f.png").image_url is None
+    assert validate_request({"prompt": "x", "image_url": ""}, upload=UPLOADED).image_url is None
+    # A blank upload is no upload, as a blank image_url is no URL.
+    assert not validate_request({"prompt": "x"}, upload=" ").wants_face_swap
+
+
+@pytest.mark.parametrize("upload, words", [
+    ("http://127.0.0.1:8000/face.png", "got an http(s) URL: give URLs in `image_url`"),
+    ("HTTPS://example.com/face.png", "got an http(s) URL: give URLs in `image_url`"),
+    ("/etc/hostname", "local paths and other strings are not read"),
+    ("face.jpg", "local paths and other strings are not read"),
+    ("file:///etc/passwd", "local paths and other strings are not read"),
+    (b"data:image/png;base64,AAAA", "must be a data: URI string, got"),
+])
+def test_an_upload_that_is_no_data_uri_is_refused_naming_image(upload, words):
+    """Cog's `image` is a str that Cog never downloads: a URL belongs in image_url (our
+    fetcher and its address rules) and a path is never read."""
+    with pytest.raises(InvalidInput) as caught:
+        validate_request({"prompt": "x"}, upload=upload)
+    assert caught.value.field == "image" and str(caught.value).startswith("`image` must ")
+    assert words in str(caught.value)
+
+
+def test_an_upload_past_the_data_uri_limit_is_refused():
+    too_long = "data:image/png;base64," + "A" * MAX_IMAGE_URL_CHARS
+    with pytest.raises(InvalidInput, match="`image` must be at most"):
+        validate_request({"prompt": "x"}, upload=too_long)
 
 
 @pytest.mark.parametrize("volume_path, words", [

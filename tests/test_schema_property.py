@@ -114,9 +114,10 @@ def valid_payloads(draw) -> dict[str, Any]:
 
 
 def _as_payload(request: Request) -> dict[str, Any]:
-    """The request's fields as a RunPod payload (the upload, a Cog-only file, left out)."""
+    """The request's fields as a RunPod payload (the Cog-only upload and the service's own
+    local file left out)."""
     payload = dataclasses.asdict(request)
-    del payload["image_path"]
+    del payload["image_upload"], payload["image_path"]
     return payload
 
 
