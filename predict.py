@@ -45,6 +45,7 @@ class Output(BaseModel):
     prompt_tokens: dict | None = None
     preset: str | None = None
     steps: int | None = None
+    cfg: float | None = None
     scheduler: str | None = None
     # Every image of `num_outputs`, in order (the first is `image`); image i used seed + i.
     images: list[Path] | None = None
@@ -107,11 +108,12 @@ class Predictor(BasePredictor):
         width: int = Input(**Inputs.width.cog()),
         height: int = Input(**Inputs.height.cog()),
         steps: int = Input(**Inputs.steps.cog()),
-        cfg: float = Input(**Inputs.cfg.cog()),
+        cfg: float | None = Input(**Inputs.cfg.cog()),
         preset: str = Input(**Inputs.preset.cog()),
         seed: int | None = Input(**Inputs.seed.cog()),
         num_outputs: int = Input(**Inputs.num_outputs.cog()),
         image_url: str | None = Input(**Inputs.image_url.cog()),
+        image_urls: str = Input(**Inputs.image_urls.cog()),
         # A str, so Cog never downloads it: a data: URI only (pipeline.cog_inputs).
         image: str | None = Input(**UPLOAD_INPUT),
         face_description: str = Input(**Inputs.face_description.cog()),
@@ -127,7 +129,7 @@ class Predictor(BasePredictor):
         payload = payload_from_cog({
             "prompt": prompt, "negative_prompt": negative_prompt, "width": width,
             "height": height, "steps": steps, "cfg": cfg, "preset": preset, "seed": seed,
-            "num_outputs": num_outputs, "image_url": image_url,
+            "num_outputs": num_outputs, "image_url": image_url, "image_urls": image_urls,
             "face_description": face_description, "face_index": face_index,
             "target_description": target_description, "target_index": target_index,
             "identities": identities, "require_face_swap": require_face_swap,

@@ -37,6 +37,7 @@ UPLOAD_INPUT: dict[str, Any] = {"default": None, "description": UPLOAD_DESCRIPTI
                                 "regex": UPLOAD_PATTERN, "max_length": MAX_IMAGE_URL_CHARS}
 
 _COG_SPECS = {spec.cog_key: spec for spec in COG_FIELDS}
+_COG_OPTIONAL = {key for key, spec in _COG_SPECS.items() if spec.cog_optional}
 
 
 def is_omitted(value: Any) -> bool:
@@ -57,6 +58,8 @@ def payload_from_cog(inputs: dict[str, Any]) -> dict[str, Any]:
     for key, value in inputs.items():
         if is_omitted(value):
             continue
+        if value is None and key in _COG_OPTIONAL:
+            continue  # an optional Cog input left at None: omitted
         spec = _COG_SPECS.get(key)
         if spec is None:
             payload[key] = value  # validate_request names it as unknown

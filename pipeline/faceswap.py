@@ -33,12 +33,19 @@ from pipeline import cancel
 from pipeline import faces as face_ops
 from pipeline.errors import FaceSwapNotApplied, InvalidInput, NoFaceFound
 from pipeline.generate import GenerationParams
-from pipeline.identity import IdentityModels, ReferenceIdentity
+from pipeline.identity import IdentityModels, ReferenceIdentity, norm_average
 from pipeline.identity_schema import Identity
 from pipeline.image_input import load_reference_image
 from pipeline.instantid import RefineRecipe, refine_seed
 from pipeline.presets import fast_adapters, preset_mode, refine_recipe
-from pipeline.results import FacesFound, FaceSwapReport, IdentityOutcome, Progress, Timings
+from pipeline.results import (
+    FacesFound,
+    FaceSwapReport,
+    IdentityOutcome,
+    PhotoReport,
+    Progress,
+    Timings,
+)
 from pipeline.schema import Request
 from pipeline.targets import assign_targets, disjoint_masks, refine_offsets, region_order
 
@@ -52,6 +59,13 @@ log = logging.getLogger(__name__)
 # feathered over FEATHER_PX so no seam shows where the refined crop meets the scene.
 FEATHER_PX = 5
 MASK_BLUR_PX = 20
+# Several photos of one person: each photo's buffalo_l cosine to the norm average of the others
+# must reach this. ArcFace's same-person cut lies near it: insightface's deploy test separates
+# people at a squared distance of normed features of 0.8-1.4 (cosine 0.6-0.3; insightface#168),
+# and ArcFace's LFW threshold at 0.1% false accepts is 0.28; facefusion's stricter default face
+# distance 0.6 (cosine 0.4) picks one face among many in a video. Photos of one person across
+# angle and light fall below 0.4 often enough; photos of two people rarely reach 0.3.
+SAME_PERSON_MIN_SIMILARITY = 0.3
 
 
 def paste_mask(mask: np.ndarray, feather_px: int = FEATHER_PX,
@@ -88,14 +102,62 @@ def paste_back(scene: Image.Image, refined: Image.Image, alpha: np.ndarray,
 
 
 @dataclass(frozen=True)
+class ReferencePhoto:
+    """One photo of a reference after detection: its faces, the chosen one and its crop."""
+
+    field: str  # where the photo sits in the request (`image_url`, `identities[1].image_urls[2]`)
+    face: Face
+    crop: Image.Image
+    found: FacesFound
+
+
+@dataclass(frozen=True)
 class LoadedReference:
-    """One reference after its reference stage: the chosen face of its photo, what every
-    identity stage takes from it, and the photo's faces for the report."""
+    """One reference after its reference stage: its photos (one or more of one person), what
+    every identity stage takes from them, and the consistency figures of several photos."""
 
     identity: Identity
-    face: Face
+    photos: tuple[ReferencePhoto, ...]
     reference: ReferenceIdentity
-    found: FacesFound
+    # Each photo's buffalo_l cosine to the norm average of the others (several photos only).
+    similarity_to_others: tuple[float, ...] | None = None
+
+    @property
+    def face(self) -> Face:
+        return self.photos[0].face
+
+    @property
+    def found(self) -> FacesFound:
+        return self.photos[0].found
+
+    @property
+    def score_embedding(self) -> np.ndarray:
+        """What a result face is scored against: the photo's buffalo_l embedding, or with
+        several photos their norm average (FaceID's input too)."""
+        return self.reference.faceid_embedding
+
+    def reference_report(self) -> FacesFound | tuple[PhotoReport, ...]:
+        if len(self.photos) == 1:
+            return self.photos[0].found
+        return tuple(PhotoReport(photo.found, photo.field, similarity)
+                     for photo, similarity in zip(self.photos, self.similarity_to_others or (),
+                                                  strict=True))
+
+
+def consistency(photos: Sequence[ReferencePhoto]) -> tuple[float, ...]:
+    """Each photo's buffalo_l cosine to the norm average of the other photos; a photo of another
+    person under `SAME_PERSON_MIN_SIMILARITY` is refused naming it."""
+    figures = []
+    for index, photo in enumerate(photos):
+        others = norm_average([one.face.score_embedding for position, one in enumerate(photos)
+                               if position != index])
+        similarity = round(face_ops.cosine(photo.face.score_embedding, others), 4)
+        if similarity < SAME_PERSON_MIN_SIMILARITY:
+            raise InvalidInput(photo.field, f"looks like a different person than the other "
+                                            f"photos: similarity {similarity:.2f} (photos of one "
+                                            f"person reach {SAME_PERSON_MIN_SIMILARITY})")
+        figures.append(similarity)
+    return tuple(figures)
 
 
 @dataclass
@@ -107,7 +169,7 @@ class FaceSwapStage:
     picker: FacePicker | None = None
 
     def choose_reference_face(self, image: Image.Image, found: Sequence[Face],
-                              identity: Identity) -> tuple[int, str]:
+                              identity: Identity, field: str) -> tuple[int, str]:
         """Which face of a reference photo: `face_index` (past the photo's faces: an error
         naming it, since the user has the photo in hand), else the picker by
         `face_description`, else the largest."""
@@ -117,41 +179,57 @@ class FaceSwapStage:
         if identity.face_description.strip() and self.picker is not None and len(found) > 1:
             log.info("stage: picker")
             picked = self.picker.pick(image, [face.box for face in found],
-                                      identity.face_description, field=identity.image_field)
+                                      identity.face_description, field=field)
             return picked.index, picked.picked_by
         return face_ops.choose_face(list(found), None, index_field)
 
-    def identify(self, image: Image.Image, identity: Identity) -> LoadedReference:
-        """Detect the faces of a reference photo, choose one, and compute what every identity
-        stage takes from it."""
+    def identify_photo(self, image: Image.Image, identity: Identity,
+                       field: str) -> ReferencePhoto:
+        """Detect the faces of one photo of a reference (`field` names it in errors), choose
+        one (`face_index` / `face_description` apply to every photo) and align its crop."""
         found = face_ops.detect_reference_faces(self.faces, image)
         if not found:
-            raise NoFaceFound(identity.image_field)
-        index, picked_by = self.choose_reference_face(image, found, identity)
+            raise NoFaceFound(field)
+        index, picked_by = self.choose_reference_face(image, found, identity, field)
         face = found[index]
         # FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's: each gets its
         # own, and a face without buffalo_l's is refused rather than given glintr100's.
         if face.score_embedding is None or face.embedding is None:
-            raise InvalidInput(identity.image_field, f"face {index} has no keypoints to align, "
+            raise InvalidInput(field, f"face {index} has no keypoints to align, "
                                "so no buffalo_l (FaceID) or antelopev2 (InstantID) embedding "
                                "could be computed; send a clearer, frontal photo")
-        reference = ReferenceIdentity(embedding=face.embedding,
-                                      face_crop=face_ops.aligned_face_crop(image, face),
-                                      faceid_embedding=face.score_embedding)
-        return LoadedReference(identity, face, reference, FacesFound(tuple(found), index,
-                                                                     picked_by))
+        return ReferencePhoto(field, face, face_ops.aligned_face_crop(image, face),
+                              FacesFound(tuple(found), index, picked_by))
+
+    def combine(self, identity: Identity, photos: Sequence[ReferencePhoto]) -> LoadedReference:
+        """One person from their photos (`ReferenceIdentity.from_photos`), after the
+        consistency check of several."""
+        figures = consistency(photos) if len(photos) > 1 else None
+        reference = ReferenceIdentity.from_photos(
+            [photo.face.embedding for photo in photos], [photo.crop for photo in photos],
+            [photo.face.score_embedding for photo in photos])
+        return LoadedReference(identity, tuple(photos), reference, figures)
+
+    def identify(self, image: Image.Image, identity: Identity) -> LoadedReference:
+        """A reference of one photo, already decoded (the warm-up's)."""
+        return self.combine(identity, [self.identify_photo(image, identity,
+                                                           identity.image_field)])
 
     def load_references(self, identities: Sequence[Identity],
                         timings: Timings) -> list[LoadedReference]:
-        """Every reference's stage (fetch, face choice, embeddings), in request order."""
+        """Every reference's stage, in request order: each photo fetched, decoded and analysed
+        once, then the person's photos combined."""
         loaded = []
         for identity in identities:
-            cancel.check("reference")
-            log.info("stage: reference")  # stage lines: where a request is, from its log
-            with timings.stage("reference"):
-                image = load_reference_image(url=identity.image_url, path=identity.image_path,
-                                             url_field=identity.image_field)
-                loaded.append(self.identify(image, identity))
+            photos = []
+            for source in identity.photos:
+                cancel.check("reference")
+                log.info("stage: reference")  # stage lines: where a request is, from its log
+                with timings.stage("reference"):
+                    image = load_reference_image(url=source.url, path=source.path,
+                                                 url_field=source.field)
+                    photos.append(self.identify_photo(image, identity, source.field))
+            loaded.append(self.combine(identity, photos))
         return loaded
 
     def generate(self, loaded: Sequence[LoadedReference], request: Request,
@@ -189,7 +267,7 @@ class FaceSwapStage:
         notify("finding the faces in the scene")
         with timings.stage("detect_target"):
             targets = face_ops.detect_target_faces(self.faces, scene)
-        outcomes = [IdentityOutcome(one.found, one.identity.field) for one in loaded]
+        outcomes = [IdentityOutcome(one.reference_report(), one.identity.field) for one in loaded]
         assign_targets(self.picker, scene, targets, [one.identity for one in loaded], outcomes)
         placed = [position for position, one in enumerate(outcomes) if one.target is not None]
         final = scene
@@ -241,12 +319,16 @@ class FaceSwapStage:
     def score(self, final: Image.Image, targets: Sequence[Face],
               loaded: Sequence[LoadedReference], outcomes: Sequence[IdentityOutcome]) -> None:
         """Each placed face's buffalo_l cosine to its own reference and to the others'."""
-        references = [one.face.score_embedding for one in loaded]
+        references = [one.score_embedding for one in loaded]
         for position, outcome in enumerate(outcomes):
             if outcome.target is None:
                 continue
             embedding = face_ops.embedding_in_box(self.faces, final, targets[outcome.target].box)
             outcome.similarity = round(face_ops.cosine(references[position], embedding), 4)
+            if len(loaded[position].photos) > 1:
+                outcome.photo_similarity = [
+                    round(face_ops.cosine(photo.face.score_embedding, embedding), 4)
+                    for photo in loaded[position].photos]
             outcome.cross_similarity = [
                 {"identity": other, "similarity": round(face_ops.cosine(reference, embedding), 4)}
                 for other, reference in enumerate(references) if other != position]

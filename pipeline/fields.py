@@ -41,6 +41,9 @@ class FieldSpec:
     cog_name: str | None = None  # the Cog input name, when it differs (flattened `output.*`)
     runpod_only: bool = False  # no Cog input (Cog returns the file itself)
     cog_max_length: bool = True  # False: Cog is not told max_length (image_url: data: URIs)
+    # True: the Cog input defaults to None, which stands for "omitted" (so the schema's own
+    # default can depend on other fields, as `cfg` does on `preset`).
+    cog_optional: bool = False
     # A last rule after the type and limits: (value, dotted name) -> the value kept.
     refine: Callable[[Any, str], Any] | None = None
     # kind list: the namespace of each entry's fields, and how many entries (at least one).
@@ -54,8 +57,11 @@ class FieldSpec:
 
     @property
     def cog_default(self) -> Any:
-        """The Cog input's default: a list travels as a JSON string, empty when omitted."""
-        return "" if self.kind is list else self.default
+        """The Cog input's default: a list travels as a JSON string, empty when omitted; an
+        optional input (`cog_optional`) is None, standing for omitted."""
+        if self.kind is list:
+            return ""
+        return None if self.cog_optional else self.default
 
     @property
     def cog_key(self) -> str:
@@ -68,7 +74,7 @@ class FieldSpec:
         if self.kind is list:  # Cog: one string input holding the list as JSON
             return {**kwargs, "default": self.cog_default}
         if not self.required:
-            kwargs["default"] = self.default
+            kwargs["default"] = self.cog_default
         for key in ("ge", "le", "max_length"):
             value = getattr(self, key)
             if value is not None:
@@ -168,24 +174,29 @@ def check_object(value: dict, specs: tuple[FieldSpec, ...], prefix: str,
     return values
 
 
-def _check_list(spec: FieldSpec, name: str, value: Any) -> list[dict[str, Any]] | None:
-    """A list of objects, each checked against `spec.items`; a string is the list as JSON (Cog
-    has no list-of-objects input), the empty string meaning omitted."""
+def _check_list(spec: FieldSpec, name: str, value: Any) -> list[Any] | None:
+    """A list of objects, each checked against the namespace `spec.items`, or of values, each
+    checked against the one spec `spec.items`; a string is the list as JSON (Cog has no such
+    input), the empty string meaning omitted."""
+    of = "strings" if isinstance(spec.items, FieldSpec) else "objects"
     if isinstance(value, str):
         if not value.strip():
             return None
         try:
             value = json.loads(value)
         except ValueError as error:
-            raise InvalidInput(name, f"must be a JSON array of objects, got {shorten(value)} "
+            raise InvalidInput(name, f"must be a JSON array of {of}, got {shorten(value)} "
                                      f"({error.msg} at character {error.pos})") from None
     if not isinstance(value, list):
-        raise InvalidInput(name, f"must be an array of objects, got {type_name(value)} "
+        raise InvalidInput(name, f"must be an array of {of}, got {type_name(value)} "
                                  f"{shorten(value)}")
     if not value:
         raise InvalidInput(name, "must hold at least one entry, got an empty array")
     if spec.max_items is not None and len(value) > spec.max_items:
         raise InvalidInput(name, f"must hold at most {spec.max_items} entries, got {len(value)}")
+    if isinstance(spec.items, FieldSpec):
+        return [check_field(spec.items, entry, f"{name}[{position}]")
+                for position, entry in enumerate(value)]
     entries = []
     for position, entry in enumerate(value):
         where = f"{name}[{position}]"
@@ -219,6 +230,8 @@ def check_field(spec: FieldSpec, value: Any, name: str | None = None) -> Any:
 
 
 def kind_name(spec: FieldSpec) -> str:
+    if spec.kind is list and isinstance(spec.items, FieldSpec):
+        return "an array of strings"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "an array of objects"}[spec.kind]
 

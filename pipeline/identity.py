@@ -84,19 +84,42 @@ class IdentityScales:
         return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+def norm_average(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """The L2-normed mean of the L2-normed vectors (cubiq's `combine_embeds` "norm average")."""
+    unit = [np.asarray(v, dtype=np.float32) / max(float(np.linalg.norm(v)), 1e-12)
+            for v in vectors]
+    mean = np.mean(unit, axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class ReferenceIdentity:
-    """The reference face: its two ArcFace embeddings and aligned crop.
+    """The reference face of one person: two ArcFace embeddings and the aligned crops.
 
     `embedding` is the raw (unnormalised) 512-d antelopev2 (glintr100) embedding, which InstantID
     was trained on and takes as is. `faceid_embedding` is buffalo_l's (w600k_r50), the network
     IP-Adapter FaceID was trained on; FaceID takes it L2-normed. Both are required: glintr100's
-    embedding lives in another space, so it is never a stand-in for FaceID's.
+    embedding lives in another space, so it is never a stand-in for FaceID's. `face_crops`: one
+    aligned crop per photo of the person (the CLIP image encoder's input; `FaceEncoder`
+    averages their hidden states). Several photos: `from_photos`.
     """
 
     embedding: np.ndarray
-    face_crop: Image.Image
+    face_crops: tuple[Image.Image, ...]
     faceid_embedding: np.ndarray
+
+    @classmethod
+    def from_photos(cls, embeddings: Sequence[np.ndarray], crops: Sequence[Image.Image],
+                    faceid_embeddings: Sequence[np.ndarray]) -> ReferenceIdentity:
+        """One person from one or more photos. One photo: its own embeddings, untouched.
+        Several: FaceID gets the norm average of the buffalo_l embeddings (cubiq's "norm
+        average"); InstantID the norm average of the antelopev2 ones at their mean length (it
+        takes raw embeddings, whose length it was trained on)."""
+        if len(embeddings) == 1:
+            return cls(embeddings[0], tuple(crops), faceid_embeddings[0])
+        length = float(np.mean([np.linalg.norm(v) for v in embeddings]))
+        return cls(norm_average(embeddings) * np.float32(length), tuple(crops),
+                   norm_average(faceid_embeddings))
 
     def __post_init__(self) -> None:
         for name in ("embedding", "faceid_embedding"):
@@ -211,15 +234,21 @@ class FaceEncoder:
             str(layout.image_encoder), dtype=runtime.dtype, local_files_only=True)
         return cls(model.to(runtime.device).eval())
 
-    def hidden_states(self, crop: Image.Image, with_negative: bool) -> torch.Tensor:
-        """Penultimate hidden states (batch, 1, tokens, width); the negative is the encoding of
-        an all-zero (normalised) image, as IP-Adapter does."""
-        pixels = self.processor(images=crop.convert("RGB"), return_tensors="pt").pixel_values
+    def hidden_states(self, crops: Sequence[Image.Image], with_negative: bool) -> torch.Tensor:
+        """Penultimate hidden states (batch, 1, tokens, width) of one person's crops: with
+        several photos their mean (cubiq's `combine_embeds` "average" on the CLIP output, so a
+        person with more photos gets no more tokens than one with a single photo); the negative
+        is the encoding of an all-zero (normalised) image, as IP-Adapter does."""
+        images = [crop.convert("RGB") for crop in crops]
+        pixels = self.processor(images=images, return_tensors="pt").pixel_values
         pixels = pixels.to(device=self.model.device, dtype=self.model.dtype)
-        if with_negative:
-            pixels = torch.cat([torch.zeros_like(pixels), pixels])
+        if with_negative:  # one batch, negative first, as one photo always ran
+            pixels = torch.cat([torch.zeros_like(pixels[:1]), pixels])
         with torch.inference_mode():
             states = self.model(pixels, output_hidden_states=True).hidden_states[CLIP_HIDDEN_LAYER]
+        if len(images) > 1:
+            first = 1 if with_negative else 0
+            states = torch.cat([states[:first], states[first:].mean(dim=0, keepdim=True)])
         return states.unsqueeze(1)
 
 
@@ -264,7 +293,7 @@ class IdentityModels:
             unet = self.text_pipe.unet
             clips, faceids = [], []
             for one in references:
-                clips.append(self.encoder.hidden_states(one.face_crop, with_negative).to(
+                clips.append(self.encoder.hidden_states(one.face_crops, with_negative).to(
                     device=unet.device, dtype=unet.dtype))
                 faceids.append(faceid_embeds(one, with_negative, unet.device, unet.dtype))
             # (batch, images, ...): image i of each adapter is reference i.

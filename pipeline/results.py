@@ -62,12 +62,23 @@ class FacesFound:
                 "chosen": self.chosen, "picked_by": self.picked_by}
 
 
+@dataclass(frozen=True)
+class PhotoReport:
+    """One photo of a reference given as several (`image_urls`): its faces and the chosen
+    one, where it sits in the request, and its cosine to the other photos' norm average."""
+
+    found: FacesFound
+    field: str
+    similarity_to_others: float
+
+
 @dataclass
 class IdentityOutcome:
     """One reference's outcome on one image. `field` is where the reference sits in the
-    request (`identities[1].`, or `` for the single-reference fields), for reasons."""
+    request (`identities[1].`, or `` for the single-reference fields), for reasons.
+    `reference`: the photo's faces, or one `PhotoReport` per photo."""
 
-    reference: FacesFound
+    reference: FacesFound | tuple[PhotoReport, ...]
     field: str = ""
     applied: bool = False
     reason: str | None = None  # why not applied
@@ -76,6 +87,23 @@ class IdentityOutcome:
     similarity: float | None = None  # buffalo_l cosine of the result face to the reference
     cross_similarity: list[dict[str, Any]] | None = None  # the same, to the other references
     refine: dict[str, Any] | None = None  # what the refine sampler ran (steps, denoise)
+    # Several photos: the result face's cosine to each photo (`similarity`: to their average).
+    photo_similarity: list[float] | None = None
+
+    def reference_json(self) -> dict[str, Any]:
+        """One photo: its faces, as before several existed. Several: each photo with its chosen
+        face's box, `similarity_to_others` and the result's `similarity` to it."""
+        if isinstance(self.reference, FacesFound):
+            return self.reference.to_json()
+        scores = self.photo_similarity or [None] * len(self.reference)
+        photos = []
+        for photo, similarity in zip(self.reference, scores, strict=True):
+            chosen = photo.found.faces[photo.found.chosen]
+            photos.append({"field": photo.field, **photo.found.to_json(),
+                           "box": chosen.to_report()["box"],
+                           "similarity_to_others": photo.similarity_to_others,
+                           "similarity": similarity})
+        return {"photos": photos}
 
     @property
     def labelled_reason(self) -> str | None:
@@ -87,7 +115,7 @@ class IdentityOutcome:
     def to_json(self) -> dict[str, Any]:
         """The entry of `face_swap.identities`."""
         return {"applied": self.applied, "reason": self.reason, "similarity": self.similarity,
-                "reference": self.reference.to_json(),
+                "reference": self.reference_json(),
                 "target": None if self.target is None else {"chosen": self.target,
                                                             "picked_by": self.picked_by},
                 "refine": self.refine, "cross_similarity": self.cross_similarity}
@@ -126,7 +154,7 @@ class FaceSwapReport:
             one = self.identities[0]
             answer: dict[str, Any] = {
                 "applied": one.applied, "reason": one.reason, "similarity": one.similarity,
-                "reference": one.reference.to_json(),
+                "reference": one.reference_json(),
                 "target": FacesFound(self.scene, one.target, one.picked_by).to_json()}
             if one.refine is not None:
                 answer["refine"] = one.refine
@@ -169,6 +197,7 @@ class Result:
     # What sampled it (`pipeline.presets`): the preset, text steps run, scheduler class name.
     preset: str | None = None
     steps: int | None = None
+    cfg: float | None = None  # the guidance scale sampled with (FAST_CFG when omitted, fast)
     scheduler: str | None = None
 
     @property
@@ -192,7 +221,8 @@ class Result:
         if self.prompt_tokens is not None:
             answer["prompt_tokens"] = self.prompt_tokens
         if self.preset is not None:
-            answer.update(preset=self.preset, steps=self.steps, scheduler=self.scheduler)
+            answer.update(preset=self.preset, steps=self.steps, cfg=self.cfg,
+                          scheduler=self.scheduler)
         if self.face_swap is not None:
             answer["face_swap"] = self.face_swap.to_json()
         return answer

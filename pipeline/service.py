@@ -214,7 +214,7 @@ class CharacterService:
                         images.append(ImageResult(text_to_image(self.text_pipe, one), one.seed))
                 mode = "text"
             result = Result(images, seed, mode, dict(timings), prompt_tokens=tokens,
-                            preset=request.preset, steps=params.steps,
+                            preset=request.preset, steps=params.steps, cfg=params.cfg,
                             scheduler=scheduler_name(self.text_pipe, request.preset))
             if self.residency.seconds > swapped:
                 # Inside "generate"/"refine" already; reported apart so the cost is visible.

@@ -13,16 +13,19 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from twins.faces import MARKER_RGB
+from twins.faces import MARKER_RGB, PERSON_TINTS
 
 Box = tuple[int, int, int, int]
 
 
-def draw_face_marker(image: Image.Image, box: Box) -> Image.Image:
+def draw_face_marker(image: Image.Image, box: Box, person: int = 0) -> Image.Image:
     """Draw a face marker filling `box` (x1, y1, x2, y2; x2, y2 exclusive) into `image`, in
-    place, and return it."""
+    place, and return it; `person` picks its tint (`twins.faces.PERSON_TINTS`: markers of one
+    tint are one person to the recogniser twins, of another tint another person)."""
     x1, y1, x2, y2 = box
-    ImageDraw.Draw(image).rectangle([x1, y1, x2 - 1, y2 - 1], fill=MARKER_RGB)
+    green, blue = PERSON_TINTS[person]
+    colour = (MARKER_RGB[0], MARKER_RGB[1] + green, MARKER_RGB[2] + blue)
+    ImageDraw.Draw(image).rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)
     return image
 
 
@@ -34,11 +37,12 @@ def noise_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def marker_scene(size: tuple[int, int], boxes: list[Box], seed: int = 0) -> Image.Image:
-    """A noise image of `size` with one face marker per box."""
+def marker_scene(size: tuple[int, int], boxes: list[Box], seed: int = 0,
+                 person: int = 0) -> Image.Image:
+    """A noise image of `size` with one face marker per box, all of `person`."""
     image = noise_image(size, seed)
     for box in boxes:
-        draw_face_marker(image, box)
+        draw_face_marker(image, box, person)
     return image
 
 

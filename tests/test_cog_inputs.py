@@ -62,7 +62,17 @@ def test_predict_inputs_agree_with_the_schema():
             assert field.le == pytest.approx(float(spec.le)), name
         assert field.choices == (list(spec.choices) if spec.choices else None), name
         optional = field.type.repetition.name.startswith("OPTIONAL")
-        assert optional == (spec.nullable and spec.kind is not list), name
+        assert optional == ((spec.nullable or spec.cog_optional) and spec.kind is not list), name
+
+
+def test_cog_cfg_left_empty_means_omitted_and_fast_runs_at_5():
+    from pipeline.schema import FAST_CFG, validate_request
+
+    inputs = {**_declared_cog_inputs(), "prompt": "x", "preset": "fast", "cfg": None}
+    assert "cfg" not in payload_from_cog(inputs)
+    assert validate_request(payload_from_cog(inputs)).cfg == FAST_CFG == 5.0
+    assert validate_request(payload_from_cog({**inputs, "cfg": 3.0})).cfg == 3.0
+    assert validate_request(payload_from_cog({**inputs, "preset": "quality"})).cfg == 2.0
 
 
 def test_cog_inputs_leave_out_the_runpod_only_options():

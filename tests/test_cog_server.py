@@ -296,3 +296,38 @@ def test_an_uploaded_image_swaps_the_face_as_image_url_does(cog_server):
     assert _image_bytes(uploaded) == _image_bytes(by_url)
     both = cog_server.predict({**request, "image": reference, "image_url": reference})
     assert "`image` must not be given together with `image_url`" in _failure_text(both)
+
+
+def test_image_urls_and_fast_cfg_through_the_cog_server(cog_server):
+    """`image_urls` as Cog's JSON string: three photos listed; five, `image_url` with
+    `image_urls`, and a photo of another (twin) person refused naming the field; two identities
+    with two photos each complete. `cfg` left empty with preset fast reports 5.0."""
+    import json
+
+    from tests.face_images import data_uri, marker_scene
+
+    person_1 = [data_uri(marker_scene((256, 256), box, seed=40 + i, person=1)) for i, box in
+                enumerate([(60, 60, 180, 200), (70, 50, 190, 190), (40, 50, 200, 210)])]
+    person_2 = [data_uri(marker_scene((256, 256), box, seed=50 + i, person=2)) for i, box in
+                enumerate([(50, 60, 190, 210), (60, 40, 200, 200)])]
+    base = {"prompt": "a knight", "width": 512, "height": 512, "steps": 2, "seed": 1}
+    body = cog_server.predict({**base, "image_urls": json.dumps(person_1)}).json()
+    assert body["status"] == "succeeded", body.get("error")
+    photos = body["output"]["face_swap"]["reference"]["photos"]
+    assert [p["field"] for p in photos] == ["image_urls[0]", "image_urls[1]", "image_urls[2]"]
+    refusals = {
+        "`image_urls` must hold at most 4": {"image_urls": json.dumps(person_1 + person_2)},
+        "`image_urls` must not be given together with `image_url`": {
+            "image_urls": json.dumps(person_1[:2]), "image_url": person_1[2]},
+        "`image_urls[2]` looks like a different person": {
+            "image_urls": json.dumps([*person_1[:2], person_2[0]])},
+    }
+    for named, fields in refusals.items():
+        assert named in _failure_text(cog_server.predict({**base, **fields}))
+    two = cog_server.predict({**base, "identities": json.dumps([
+        {"image_urls": person_1[:2]}, {"image_urls": person_2}])}).json()
+    assert two["status"] == "succeeded", two.get("error")
+    assert [len(e["reference"]["photos"]) for e in two["output"]["face_swap"]["identities"]] \
+        == [2, 2]
+    fast = cog_server.predict({**base, "preset": "fast", "steps": 4}).json()
+    assert fast["status"] == "succeeded" and fast["output"]["cfg"] == 5.0

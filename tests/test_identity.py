@@ -74,7 +74,7 @@ def _reference(seed: int = 0, crop_seed: int = 0) -> ReferenceIdentity:
     rng = np.random.default_rng(seed)
     embedding = rng.normal(size=512).astype(np.float32) * 20
     faceid = rng.normal(size=512).astype(np.float32) * 20
-    return ReferenceIdentity(embedding=embedding, face_crop=_image(100 + crop_seed, (96, 96)),
+    return ReferenceIdentity(embedding=embedding, face_crops=(_image(100 + crop_seed, (96, 96)),),
                              faceid_embedding=faceid)
 
 
@@ -250,14 +250,14 @@ def test_recipe_constants():
 
 def test_reference_identity_rejects_a_bad_embedding():
     with pytest.raises(InvalidInput, match="`embedding`"):
-        ReferenceIdentity(embedding=np.zeros(128), face_crop=_image(0, (8, 8)),
+        ReferenceIdentity(embedding=np.zeros(128), face_crops=(_image(0, (8, 8)),),
                           faceid_embedding=np.zeros(512))
 
 
 def test_faceid_never_takes_the_antelopev2_embedding():
     """FaceID's embedding comes only from buffalo_l: no fallback to InstantID's glintr100 one."""
     with pytest.raises(InvalidInput, match="`faceid_embedding` is required.*buffalo_l"):
-        ReferenceIdentity(embedding=np.ones(512), face_crop=_image(0, (8, 8)),
+        ReferenceIdentity(embedding=np.ones(512), face_crops=(_image(0, (8, 8)),),
                           faceid_embedding=None)
     reference = _reference(3)
     embeds = faceid_embeds(reference, True, torch.device("cpu"), torch.float32)

@@ -130,3 +130,40 @@ def test_target_index_past_the_scene_faces_through_the_runpod_server(runpod_serv
         assert entry["applied"] is False and entry["reason"].startswith(named[name])
         failed = runpod_server.runsync({"input": {**job, "require_face_swap": True}})
         assert failed["status"] == "FAILED" and named[name] in str(failed["error"]), failed
+
+
+def test_image_urls_and_fast_cfg_through_the_runpod_server(runpod_server):
+    """Several photos of one person (`image_urls`) through the real worker: three photos are
+    listed; five, `image_url` with `image_urls`, and a photo of another (twin) person are
+    refused naming the field; two identities with two photos each complete. A fast request
+    without `cfg` reports 5.0, with `cfg` 3 reports 3."""
+    from tests.face_images import data_uri, marker_scene
+
+    person_1 = [data_uri(marker_scene((256, 256), box, seed=20 + i, person=1)) for i, box in
+                enumerate([(60, 60, 180, 200), (70, 50, 190, 190), (40, 50, 200, 210)])]
+    person_2 = [data_uri(marker_scene((256, 256), box, seed=30 + i, person=2)) for i, box in
+                enumerate([(50, 60, 190, 210), (60, 40, 200, 200)])]
+    base = {"prompt": "a knight", "width": 512, "height": 512, "steps": 2, "seed": 1}
+    done = runpod_server.runsync({"input": {**base, "image_urls": person_1}})
+    assert done["status"] == "COMPLETED", done
+    photos = done["output"]["face_swap"]["reference"]["photos"]
+    assert [p["field"] for p in photos] == ["image_urls[0]", "image_urls[1]", "image_urls[2]"]
+    refusals = {
+        "`image_urls` must hold at most 4": {"image_urls": person_1 + person_2},
+        "`image_urls` must not be given together with `image_url`": {
+            "image_urls": person_1[:2], "image_url": person_1[2]},
+        "`image_urls[2]` looks like a different person": {
+            "image_urls": [*person_1[:2], person_2[0]]},
+    }
+    for named, fields in refusals.items():
+        failed = runpod_server.runsync({"input": {**base, **fields}})
+        assert failed["status"] == "FAILED" and named in str(failed["error"]), failed
+    two = runpod_server.runsync({"input": {**base, "identities": [
+        {"image_urls": person_1[:2]}, {"image_urls": person_2}]}})
+    assert two["status"] == "COMPLETED", two
+    entries = two["output"]["face_swap"]["identities"]
+    assert [len(e["reference"]["photos"]) for e in entries] == [2, 2]
+    fast = {**base, "preset": "fast", "steps": 4}
+    assert runpod_server.runsync({"input": fast})["output"]["cfg"] == 5.0
+    assert runpod_server.runsync({"input": {**fast, "cfg": 3}})["output"]["cfg"] == 3.0
+    assert runpod_server.runsync({"input": base})["output"]["cfg"] == 2.0
