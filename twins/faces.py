@@ -65,7 +65,7 @@ MARKER_RGB = (255, 0, 0)
 # dead zone (on insightface's -1..1 input scale: 0.03 is about 4 levels) are nobody's.
 PERSON_TINTS = ((0, 0), (10, 0), (0, 10))
 TINT_DEAD_ZONE = 0.03
-TINT_GAIN = 400.0
+TINT_GAIN = 1500.0
 MARKER_DIRECTION = (1.0, -1.0, -1.0)  # R - G - B
 MARKER_LOW = 0.7  # indicator 0 at or below this
 MARKER_RAMP = 0.25  # indicator 1 from MARKER_LOW + MARKER_RAMP
@@ -309,12 +309,12 @@ def recognizer_twin(seed: int) -> onnx.ModelProto:
     """ArcFace-shaped recogniser [N,3,112,112] -> [N,512]: random conv (8x8, stride 8), ReLU,
     2x2 average, random projection; the embedding depends on every part of the aligned crop.
 
-    **Persons.** Plus a person term: the mean green and blue tint of the crop's centre (a
-    marker of RGB (255, g, b), `PERSON_TINTS`), each past `TINT_DEAD_ZONE`, along its own
-    random direction `TINT_GAIN` times longer than the rest. A pure red marker has none (its
-    embedding is the random part alone, to the bit), so marker faces of one tint are one person
-    (cosine about 0.98 across photos) and faces of different tints are different people
-    (cosine near 0). The detectors still fire on a tinted marker (R - G - B stays above their
+    **Persons.** Plus a person term: the green and blue tint of the marker pixels in the crop's
+    centre (a marker of RGB (255, g, b), `PERSON_TINTS`), each past `TINT_DEAD_ZONE`, along its
+    own random direction, `TINT_GAIN` long per unit. A pure red marker has none, and pixels that
+    are no marker pixel (noise, generated faces) open no gate, so every earlier twin embedding
+    is unchanged; marker faces of one tint are one person (cosine about 0.99 across photos) and
+    faces of different tints are different people (cosine under 0.2). The detectors still fire on a tinted marker (R - G - B stays above their
     cut for g + b <= 12)."""
     g, rng = _Graph("arcface"), np.random.default_rng(seed)
     conv = rng.standard_normal((16, 3, 8, 8)).astype(np.float32) / np.sqrt(3 * 64)
@@ -325,12 +325,24 @@ def recognizer_twin(seed: int) -> onnx.ModelProto:
     width = 16 * 7 * 7
     projection = rng.standard_normal((width, 512)).astype(np.float32) * (20.0 / np.sqrt(width))
     appearance = g.op("Gemm", [flat, g.const(projection), g.const(np.zeros(512))])
-    # The centre 40x40 of the crop, green and blue: (x + 1) is the tint on insightface's
-    # (x - 127.5) / 127.5 scale; past the dead zone it counts.
-    centre = g.op("Slice", ["input.1", g.const([1, 36, 36], np.int64),
-                            g.const([3, 76, 76], np.int64), g.const([1, 2, 3], np.int64)])
-    tint = g.op("Relu", [g.conv(centre, np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1) * 64,
-                                np.full(2, 64 * (1.0 - TINT_DEAD_ZONE), dtype=np.float32))])
+    # The centre 40x40 of the crop, on insightface's (x - 127.5) / 127.5 scale. Per pixel, a
+    # gate that is open only on marker pixels (R at least 248, G and B at most 15: noise and
+    # generated faces almost never), times the green and the blue tint past the dead zone.
+    centre = g.op("Slice", ["input.1", g.const([36, 36], np.int64), g.const([76, 76], np.int64),
+                            g.const([2, 3], np.int64)])
+    linear = np.zeros((5, 3, 1, 1), dtype=np.float32)
+    linear[0, 0], linear[1, 1], linear[2, 2] = 16.0, -8.0, -8.0  # red high, green/blue low
+    linear[3, 1], linear[4, 2] = 64.0, 64.0  # green and blue tint
+    parts = g.op("Relu", [g.conv(centre, linear, np.array(
+        [-15.0, -7.0, -7.0, 64 * (1.0 - TINT_DEAD_ZONE), 64 * (1.0 - TINT_DEAD_ZONE)],
+        dtype=np.float32))])
+
+    def channels(first: int, last: int) -> str:
+        return g.op("Slice", [parts, g.const([first], np.int64), g.const([last], np.int64),
+                              g.const([1], np.int64)])
+
+    gate = g.op("Mul", [g.op("Mul", [channels(0, 1), channels(1, 2)]), channels(2, 3)])
+    tint = g.op("Mul", [channels(3, 5), gate])
     person = g.op("Flatten", [g.op("GlobalAveragePool", [tint])], axis=1)
     directions = rng.standard_normal((2, 512)).astype(np.float32)
     directions *= TINT_GAIN / np.linalg.norm(directions, axis=1, keepdims=True)
