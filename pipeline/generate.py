@@ -102,6 +102,14 @@ def text_to_image(pipe: StableDiffusionXLPipeline, params: GenerationParams,
     pipeline as embeddings (`pipeline.prompts`: weighted, never cut). A stop of the request
     (`pipeline.cancel`) ends it after the sampler step in flight; `where` names the stage."""
     prompt, negative = recipe_prompts(params.prompt, params.negative_prompt)
+    stop_check = step_callback(where)
+    caller_callback = pipeline_kwargs.pop("callback_on_step_end", None)
+
+    def on_step_end(step_pipe: Any, index: int, timestep: Any, kwargs: dict) -> dict:
+        if caller_callback is not None:
+            kwargs = caller_callback(step_pipe, index, timestep, kwargs)
+        return stop_check(step_pipe, index, timestep, kwargs)
+
     with torch.inference_mode(), vae_dtype_kept(pipe):
         embeds = encode_prompts(pipe, prompt, negative)
         result = pipe(
@@ -112,7 +120,7 @@ def text_to_image(pipe: StableDiffusionXLPipeline, params: GenerationParams,
             guidance_scale=params.cfg,
             generator=seeded_generator(params.seed),
             output_type="pil",
-            callback_on_step_end=step_callback(where),
+            callback_on_step_end=on_step_end,
             **pipeline_kwargs,
         )
     return result.images[0]

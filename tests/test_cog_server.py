@@ -306,9 +306,9 @@ def test_image_urls_and_fast_cfg_through_the_cog_server(cog_server):
 
     from tests.face_images import data_uri, marker_scene
 
-    person_1 = [data_uri(marker_scene((256, 256), box, seed=40 + i, person=1)) for i, box in
+    person_1 = [data_uri(marker_scene((256, 256), [box], seed=40 + i, person=1)) for i, box in
                 enumerate([(60, 60, 180, 200), (70, 50, 190, 190), (40, 50, 200, 210)])]
-    person_2 = [data_uri(marker_scene((256, 256), box, seed=50 + i, person=2)) for i, box in
+    person_2 = [data_uri(marker_scene((256, 256), [box], seed=50 + i, person=2)) for i, box in
                 enumerate([(50, 60, 190, 210), (60, 40, 200, 200)])]
     base = {"prompt": "a knight", "width": 512, "height": 512, "steps": 2, "seed": 1}
     body = cog_server.predict({**base, "image_urls": json.dumps(person_1)}).json()

@@ -139,9 +139,9 @@ def test_image_urls_and_fast_cfg_through_the_runpod_server(runpod_server):
     without `cfg` reports 5.0, with `cfg` 3 reports 3."""
     from tests.face_images import data_uri, marker_scene
 
-    person_1 = [data_uri(marker_scene((256, 256), box, seed=20 + i, person=1)) for i, box in
+    person_1 = [data_uri(marker_scene((256, 256), [box], seed=20 + i, person=1)) for i, box in
                 enumerate([(60, 60, 180, 200), (70, 50, 190, 190), (40, 50, 200, 210)])]
-    person_2 = [data_uri(marker_scene((256, 256), box, seed=30 + i, person=2)) for i, box in
+    person_2 = [data_uri(marker_scene((256, 256), [box], seed=30 + i, person=2)) for i, box in
                 enumerate([(50, 60, 190, 210), (60, 40, 200, 200)])]
     base = {"prompt": "a knight", "width": 512, "height": 512, "steps": 2, "seed": 1}
     done = runpod_server.runsync({"input": {**base, "image_urls": person_1}})
