@@ -687,3 +687,34 @@ class WorkerProcess(_ServerProcess):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# Source text a test worker script puts right after its imports (it needs `ipaddress`, `os`,
+# `socket` and a `MARKS` folder): every connection to an address that is not loopback is
+# refused and written to MARKS/violations.txt, so a test can assert there was none.
+LOOPBACK_GUARD = '''_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _loopback_only(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            loopback = ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            with (MARKS / "violations.txt").open("a") as out:
+                out.write(f"{os.getpid()} {address!r}\\n")
+            raise OSError(f"test worker: {address!r} is not loopback")
+
+
+def connect(sock, address):
+    _loopback_only(sock, address)
+    return _connect(sock, address)
+
+
+def connect_ex(sock, address):
+    _loopback_only(sock, address)
+    return _connect_ex(sock, address)
+
+
+socket.socket.connect, socket.socket.connect_ex = connect, connect_ex'''

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from scripts.control_plane import ControlPlane, WorkerProcess, environment
+from scripts.control_plane import LOOPBACK_GUARD, ControlPlane, WorkerProcess, environment
 
 STANDIN = '''"""Stand-in RunPod worker for tests/test_control_plane.py: not the product."""
 import asyncio
@@ -34,32 +34,7 @@ import time
 from pathlib import Path
 
 MARKS = Path(os.environ["STANDIN_MARKS"])
-_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-
-def _loopback_only(sock, address):
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            loopback = ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            with (MARKS / "violations.txt").open("a") as out:
-                out.write(f"{os.getpid()} {address!r}\\n")
-            raise OSError(f"stand-in worker: {address!r} is not loopback")
-
-
-def connect(sock, address):
-    _loopback_only(sock, address)
-    return _connect(sock, address)
-
-
-def connect_ex(sock, address):
-    _loopback_only(sock, address)
-    return _connect_ex(sock, address)
-
-
-socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+'''+ LOOPBACK_GUARD + '''
 
 import runpod  # noqa: E402  after the guard: the heartbeat child is forked with it
 

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.control_plane import ControlPlane, WorkerProcess
+from scripts.control_plane import LOOPBACK_GUARD, ControlPlane, WorkerProcess
 from tests.face_images import data_uri, marker_scene
 
 T = TypeVar("T")
@@ -63,32 +63,7 @@ import time
 from pathlib import Path
 
 MARKS = Path(os.environ["JOB_STOP_MARKS"])
-_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-
-def _loopback_only(sock, address):
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            loopback = ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            with (MARKS / "violations.txt").open("a") as out:
-                out.write(f"{os.getpid()} {address!r}\\n")
-            raise OSError(f"job-stop test worker: {address!r} is not loopback")
-
-
-def connect(sock, address):
-    _loopback_only(sock, address)
-    return _connect(sock, address)
-
-
-def connect_ex(sock, address):
-    _loopback_only(sock, address)
-    return _connect_ex(sock, address)
-
-
-socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+'''+ LOOPBACK_GUARD + '''
 sys.path.insert(0, os.getcwd())  # the project root (WorkerProcess runs from it)
 
 from pipeline import picker  # noqa: E402
