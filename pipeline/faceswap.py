@@ -6,7 +6,7 @@ Stages, in order (constants in `pipeline.faces`, `pipeline.identity`, `pipeline.
    fields (`image_url`, `identities[1].face_index`);
 2. generate: the primary checkpoint with IP-Adapter FaceID Plus v2 + Plus Face; with several
    references each one's tokens act only in its own column of the image
-   (`pipeline.identity.identity_regions`, ordered by `pipeline.targets.region_order`);
+   (`pipeline.regions.identity_regions`, ordered by `pipeline.targets.region_order`);
 3. targets: detect the scene's faces (YOLO) and give each reference one
    (`pipeline.targets.assign_targets`); a reference left without a face is reported
    `applied: false` with the reason naming the field, or fails the request under

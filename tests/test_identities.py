@@ -18,7 +18,7 @@ import torch
 from pipeline.errors import FaceSwapNotApplied, InvalidInput
 from pipeline.faces import detect_target_faces, face_mask
 from pipeline.generate import GenerationParams, text_to_image
-from pipeline.identity import identity_regions, ip_adapter_masks
+from pipeline.regions import identity_regions, ip_adapter_masks
 from pipeline.results import FacesFound, IdentityOutcome, Timings, no_progress
 from pipeline.schema import Identity, validate_request
 from pipeline.targets import assign_targets, disjoint_masks, region_order
@@ -436,7 +436,7 @@ def test_identities_refusals_through_the_cog_predictor(predictor, identities, ex
 def _sdxl_attention_grids():
     """Per latent side n: SDXL's side at each down block that attends, from its layers (the
     published config's block types; each block before it ends in diffusers' Downsample2D, run
-    on the meta device), not from pipeline.identity's arithmetic."""
+    on the meta device), not from pipeline.regions' arithmetic."""
     from diffusers.models.downsampling import Downsample2D
 
     from bench.fullsize import SDXL_UNET
@@ -473,7 +473,7 @@ def test_ip_adapter_masks_give_every_attention_layer_its_grid_at_every_legal_siz
     and 4 identities."""
     from diffusers.image_processor import IPAdapterMaskProcessor
 
-    from pipeline.identity import (
+    from pipeline.regions import (
         ATTENTION_DEPTHS,
         diffusers_mask_grid,
         ip_adapter_mask_shape,
@@ -533,7 +533,7 @@ def test_ip_adapter_masks_give_every_attention_layer_its_grid_at_every_legal_siz
 def _column_masks(width, height, counts):
     """`identity_regions`' columns, 0/1, for each count in turn, repeated down the rows of
     `ip_adapter_mask_shape` (a stride-0 view: no memory): (1, sum(counts), rows, width)."""
-    from pipeline.identity import ip_adapter_mask_shape
+    from pipeline.regions import ip_adapter_mask_shape
 
     rows, columns = ip_adapter_mask_shape(width, height)
     layout = np.concatenate([np.stack([np.asarray(region)[0] > 0
@@ -570,7 +570,7 @@ def test_ip_adapter_mask_columns_stay_disjoint_and_in_order_at_every_attention_g
     diffusers' interpolation reads without a copy."""
     from diffusers.image_processor import IPAdapterMaskProcessor
 
-    from pipeline.identity import diffusers_mask_grid
+    from pipeline.regions import diffusers_mask_grid
 
     _depths, sides = _sdxl_attention_grids()
     widths = sorted({width for width, _height in _legal_sizes()})
@@ -603,11 +603,11 @@ def test_identities_masks_reach_the_attention_on_its_own_grid(service, monkeypat
     from diffusers.image_processor import IPAdapterMaskProcessor
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    import pipeline.identity
+    import pipeline.regions
 
     width, height = 512, 520
     if shape == "image":
-        monkeypatch.setattr(pipeline.identity, "ip_adapter_mask_shape",
+        monkeypatch.setattr(pipeline.regions, "ip_adapter_mask_shape",
                             lambda w, h: (h, w))
     pipe = service.face_swap.identity.text_pipe
     grids, downsampled = set(), []

@@ -9,7 +9,7 @@ end on generated scenes. Two rules, both exact:
   (about half the seeds of a text request), noise otherwise. One face.
 - **Region markers** (`decoder_paints_regions`, UNet + VAE decoder + the Plus Face adapter twin):
   with several identities, the identity stage masks each identity's IP-Adapter tokens to its
-  own column (`pipeline.identity.identity_regions`, columns separated by a gap). The Plus Face
+  own column (`pipeline.regions.identity_regions`, columns separated by a gap). The Plus Face
   twin gives every image token a constant 1 in channel PLUS_FACE_CONSTANT, so the masked
   IP-attention output of the UNet's last cross-attention (REGION_BLOCK) is, in channel
   REGION_CHANNEL, `scale x (sum of the masks)`: the region layout itself. That channel is kept
