@@ -197,10 +197,16 @@ class StopWorker:
                     lines.append(entry)
         return lines
 
-    def sdk_index(self, job_id: str, message: str) -> int:
-        """Where the SDK logged `message` for `job_id` (ValueError if it did not)."""
-        return [(entry.get("requestId"), entry["message"])
-                for entry in self.sdk_lines()].index((job_id, message))
+    def sdk_index(self, job_id: str, message: str, wait_s: float = 10.0) -> int:
+        """Where the SDK logged `message` for `job_id` (ValueError if it did not within
+        `wait_s`: the worker's stdout may reach the log file a moment after the plane saw the
+        job's result)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            lines = [(entry.get("requestId"), entry["message"]) for entry in self.sdk_lines()]
+            if (job_id, message) in lines or time.monotonic() >= deadline:
+                return lines.index((job_id, message))
+            time.sleep(0.1)
 
     def reset_steps(self) -> None:
         """Forget the step count (call before queueing the job to watch: one job at a time)."""
