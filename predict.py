@@ -47,6 +47,7 @@ class Output(BaseModel):
     steps: int | None = None
     cfg: float | None = None
     scheduler: str | None = None
+    profile: str | None = None
     # Every image of `num_outputs`, in order (the first is `image`); image i used seed + i.
     images: list[Path] | None = None
 

@@ -1,22 +1,27 @@
 """Face-swap mode, for one reference as for four: the generated character wears each face.
 
 Stages, in order (constants in `pipeline.faces`, `pipeline.identity`, `pipeline.instantid`):
-1. references: each one fetched and decoded, its faces detected (InsightFace), ONE face chosen
+1. references: each one fetched and decoded, its faces detected, ONE face chosen
    (index, picker by description, or the largest) and embedded; errors name the reference's
    fields (`image_url`, `identities[1].face_index`);
-2. generate: the primary checkpoint with IP-Adapter FaceID Plus v2 + Plus Face; with several
+2. generate: the primary checkpoint under the identity adapters; with several
    references each one's tokens act only in its own column of the image
    (`pipeline.regions.identity_regions`, ordered by `pipeline.targets.region_order`);
-3. targets: detect the scene's faces (YOLO) and give each reference one
+3. targets: detect the scene's faces and give each reference one
    (`pipeline.targets.assign_targets`); a reference left without a face is reported
    `applied: false` with the reason naming the field, or fails the request under
    `require_face_swap`;
-4. refine, face by face: each target's SAM mask minus every other target's, InstantID
-   inpainting of its crop on the second checkpoint with that reference, pasted back with a
+4. refine, face by face: each target's SAM mask minus every other target's, the inpainting
+   of its crop with that reference, pasted back with a
    feathered, blurred alpha that is 0 on every other target's mask;
-5. score: each face's ArcFace cosine to its own reference (`similarity`) and to the others'
+5. score: each face's recogniser cosine to its own reference (`similarity`) and to the others'
    (`cross_similarity`: one face copied onto everyone shows as a high cross similarity).
 (2 and 4 run under the request's preset, `pipeline.presets`: fast adds its LoRA, fewer steps.)
+
+The models come from the worker's profile (`pipeline.profiles`): seed: InsightFace + YOLO, FaceID
+Plus v2 + Plus Face, InstantID on Juggernaut XI, buffalo_l scores (`pipeline.identity`);
+commercial: YuNet, Plus Face alone, a Plus Face inpaint on the primary checkpoint, SFace scores
+(`pipeline.plus_face`). The stage runs either through the same calls.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pipeline import cancel
 from pipeline import faces as face_ops
 from pipeline.errors import FaceSwapNotApplied, InvalidInput, NoFaceFound
 from pipeline.generate import GenerationParams
-from pipeline.identity import IdentityModels, ReferenceIdentity, norm_average
+from pipeline.identity import IdentityModels, norm_average
 from pipeline.identity_schema import Identity
 from pipeline.image_input import load_reference_image
 from pipeline.instantid import RefineRecipe, refine_seed
@@ -51,7 +56,9 @@ from pipeline.targets import assign_targets, disjoint_masks, refine_offsets, reg
 
 if TYPE_CHECKING:
     from pipeline.faces import Face, FaceModels
+    from pipeline.identity import ReferenceIdentity
     from pipeline.picker import FacePicker
+    from pipeline.plus_face import CropsIdentity, PlusFaceModels
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +67,12 @@ log = logging.getLogger(__name__)
 FEATHER_PX = 5
 MASK_BLUR_PX = 20
 # Several photos of one person: each photo's buffalo_l cosine to the norm average of the others
-# must reach this. ArcFace's same-person cut lies near it: insightface's deploy test separates
-# people at a squared distance of normed features of 0.8-1.4 (cosine 0.6-0.3; insightface#168),
-# and ArcFace's LFW threshold at 0.1% false accepts is 0.28; facefusion's stricter default face
-# distance 0.6 (cosine 0.4) picks one face among many in a video. Photos of one person across
-# angle and light fall below 0.4 often enough; photos of two people rarely reach 0.3.
-SAME_PERSON_MIN_SIMILARITY = 0.3
+# must reach this (seed profile; `pipeline.faces.ARCFACE_SAME_PERSON` says why; facefusion's
+# stricter default face distance 0.6, cosine 0.4, picks one face among many in a video, but
+# photos of one person across angle and light fall below 0.4 often enough; photos of two people
+# rarely reach 0.3). The commercial profile uses SFace's own threshold
+# (`FaceModels.same_person_threshold`).
+SAME_PERSON_MIN_SIMILARITY = face_ops.ARCFACE_SAME_PERSON
 
 
 def paste_mask(mask: np.ndarray, feather_px: int = FEATHER_PX,
@@ -118,8 +125,11 @@ class LoadedReference:
 
     identity: Identity
     photos: tuple[ReferencePhoto, ...]
-    reference: ReferenceIdentity
-    # Each photo's buffalo_l cosine to the norm average of the others (several photos only).
+    reference: ReferenceIdentity | CropsIdentity
+    # What a result face is scored against: the photo's recogniser embedding (buffalo_l or
+    # SFace), or with several photos their norm average (FaceID's input too, seed profile).
+    score_embedding: np.ndarray
+    # Each photo's cosine to the norm average of the others (several photos only).
     similarity_to_others: tuple[float, ...] | None = None
 
     @property
@@ -130,12 +140,6 @@ class LoadedReference:
     def found(self) -> FacesFound:
         return self.photos[0].found
 
-    @property
-    def score_embedding(self) -> np.ndarray:
-        """What a result face is scored against: the photo's buffalo_l embedding, or with
-        several photos their norm average (FaceID's input too)."""
-        return self.reference.faceid_embedding
-
     def reference_report(self) -> FacesFound | tuple[PhotoReport, ...]:
         if len(self.photos) == 1:
             return self.photos[0].found
@@ -144,18 +148,20 @@ class LoadedReference:
                                                   strict=True))
 
 
-def consistency(photos: Sequence[ReferencePhoto]) -> tuple[float, ...]:
-    """Each photo's buffalo_l cosine to the norm average of the other photos; a photo of another
-    person under `SAME_PERSON_MIN_SIMILARITY` is refused naming it."""
+def consistency(photos: Sequence[ReferencePhoto],
+                threshold: float = SAME_PERSON_MIN_SIMILARITY) -> tuple[float, ...]:
+    """Each photo's recogniser cosine to the norm average of the other photos; a photo of
+    another person under `threshold` (the similarity model's same-person cut) is refused
+    naming it."""
     figures = []
     for index, photo in enumerate(photos):
         others = norm_average([one.face.score_embedding for position, one in enumerate(photos)
                                if position != index])
         similarity = round(face_ops.cosine(photo.face.score_embedding, others), 4)
-        if similarity < SAME_PERSON_MIN_SIMILARITY:
+        if similarity < threshold:
             raise InvalidInput(photo.field, f"looks like a different person than the other "
                                             f"photos: similarity {similarity:.2f} (photos of one "
-                                            f"person reach {SAME_PERSON_MIN_SIMILARITY})")
+                                            f"person reach {threshold})")
         figures.append(similarity)
     return tuple(figures)
 
@@ -165,7 +171,7 @@ class FaceSwapStage:
     """The face-swap models, injected, and the stage that runs them."""
 
     faces: FaceModels
-    identity: IdentityModels
+    identity: IdentityModels | PlusFaceModels
     picker: FacePicker | None = None
 
     def choose_reference_face(self, image: Image.Image, found: Sequence[Face],
@@ -192,23 +198,30 @@ class FaceSwapStage:
             raise NoFaceFound(field)
         index, picked_by = self.choose_reference_face(image, found, identity, field)
         face = found[index]
-        # FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's: each gets its
-        # own, and a face without buffalo_l's is refused rather than given glintr100's.
-        if face.score_embedding is None or face.embedding is None:
+        # Seed: FaceID was trained on buffalo_l's embedding, InstantID on antelopev2's: each
+        # gets its own, and a face without buffalo_l's is refused rather than given glintr100's.
+        # Commercial: SFace's embedding scores the result.
+        needs_instantid = self.faces.opencv is None
+        if face.score_embedding is None or (needs_instantid and face.embedding is None):
+            wanted = ("buffalo_l (FaceID) or antelopev2 (InstantID)" if needs_instantid
+                      else self.faces.similarity_model)
             raise InvalidInput(field, f"face {index} has no keypoints to align, "
-                               "so no buffalo_l (FaceID) or antelopev2 (InstantID) embedding "
-                               "could be computed; send a clearer, frontal photo")
-        return ReferencePhoto(field, face, face_ops.aligned_face_crop(image, face),
+                               f"so no {wanted} embedding could be computed; send a clearer, "
+                               "frontal photo")
+        return ReferencePhoto(field, face, face_ops.aligned_face_crop(image, face, self.faces),
                               FacesFound(tuple(found), index, picked_by))
 
     def combine(self, identity: Identity, photos: Sequence[ReferencePhoto]) -> LoadedReference:
         """One person from their photos (`ReferenceIdentity.from_photos`), after the
         consistency check of several."""
-        figures = consistency(photos) if len(photos) > 1 else None
-        reference = ReferenceIdentity.from_photos(
-            [photo.face.embedding for photo in photos], [photo.crop for photo in photos],
-            [photo.face.score_embedding for photo in photos])
-        return LoadedReference(identity, tuple(photos), reference, figures)
+        figures = (consistency(photos, self.faces.same_person_threshold) if len(photos) > 1
+                   else None)
+        scores = [photo.face.score_embedding for photo in photos]
+        reference = self.identity.reference_from(
+            [photo.crop for photo in photos], embeddings=[photo.face.embedding for photo in photos],
+            score_embeddings=scores)
+        score_embedding = scores[0] if len(scores) == 1 else norm_average(scores)
+        return LoadedReference(identity, tuple(photos), reference, score_embedding, figures)
 
     def identify(self, image: Image.Image, identity: Identity) -> LoadedReference:
         """A reference of one photo, already decoded (the warm-up's)."""
@@ -288,13 +301,15 @@ class FaceSwapStage:
                 outcome.applied = True
             with timings.stage("similarity"):
                 self.score(final, targets, loaded, outcomes)
-        report = FaceSwapReport(outcomes, tuple(targets), listed=bool(request.identities))
+        report = FaceSwapReport(outcomes, tuple(targets), listed=bool(request.identities),
+                                similarity_model=self.faces.similarity_model)
         if not report.applied and request.require_face_swap:
             raise FaceSwapNotApplied(report.not_applied_message())
         return final, report
 
     def refine_face(self, scene: Image.Image, target: Face, mask: np.ndarray,
-                    reference: ReferenceIdentity, request: Request, params: GenerationParams,
+                    reference: ReferenceIdentity | CropsIdentity, request: Request,
+                    params: GenerationParams,
                     timings: Timings, outcome: IdentityOutcome, *, seed: int,
                     keep_out: np.ndarray, recipe: RefineRecipe | None = None) -> Image.Image:
         """Refine the face `target` of `scene` (its full-image `mask`) under InstantID with
@@ -318,7 +333,7 @@ class FaceSwapStage:
 
     def score(self, final: Image.Image, targets: Sequence[Face],
               loaded: Sequence[LoadedReference], outcomes: Sequence[IdentityOutcome]) -> None:
-        """Each placed face's buffalo_l cosine to its own reference and to the others'."""
+        """Each placed face's recogniser cosine to its own reference and to the others'."""
         references = [one.score_embedding for one in loaded]
         for position, outcome in enumerate(outcomes):
             if outcome.target is None:

@@ -133,7 +133,7 @@ class ReferenceIdentity:
 
 
 @dataclass
-class _UnetMode:
+class UnetMode:
     """The parts of a UNet an IP-Adapter load changes (processor objects kept by identity)."""
 
     processors: dict[str, Any]
@@ -141,7 +141,7 @@ class _UnetMode:
     encoder_hid_dim_type: str | None
 
     @classmethod
-    def capture(cls, unet: Any) -> _UnetMode:
+    def capture(cls, unet: Any) -> UnetMode:
         return cls(dict(unet.attn_processors), unet.encoder_hid_proj,
                    unet.config.encoder_hid_dim_type)
 
@@ -157,7 +157,7 @@ class _UnetMode:
 class IdentityAdapters:
     """What `install_identity_adapters` left on the primary pipe: its identity-mode UNet parts."""
 
-    mode: _UnetMode
+    mode: UnetMode
 
 
 def install_identity_adapters(pipe: StableDiffusionXLPipeline, layout: Layout) -> IdentityAdapters:
@@ -167,7 +167,7 @@ def install_identity_adapters(pipe: StableDiffusionXLPipeline, layout: Layout) -
         raise PipelineError("the FaceID LoRA needs the peft package: install peft (see "
                             "requirements.txt)")
     unet = pipe.unet
-    text_mode = _UnetMode.capture(unet)
+    text_mode = UnetMode.capture(unet)
     pipe.load_ip_adapter(
         [str(layout.faceid_plusv2.parent), str(layout.ip_adapter_plus_face.parent)],
         subfolder=["", ""],
@@ -176,7 +176,7 @@ def install_identity_adapters(pipe: StableDiffusionXLPipeline, layout: Layout) -
     if FACEID_LORA_ADAPTER not in getattr(unet, "peft_config", {}):
         raise PipelineError(f"{layout.faceid_plusv2} holds no LoRA: expected the FaceID Plus v2 "
                             "checkpoint with its `to_*_lora` weights")
-    adapters = IdentityAdapters(_UnetMode.capture(unet))
+    adapters = IdentityAdapters(UnetMode.capture(unet))
     text_mode.apply(unet)
     unet.disable_lora()
     return adapters
@@ -193,7 +193,7 @@ def identity_priors(pipe: StableDiffusionXLPipeline, adapters: IdentityAdapters,
     more peft adapters (name -> weight) active together with the FaceID LoRA (the fast
     preset's, `pipeline.presets.fast_adapters`)."""
     unet = pipe.unet
-    saved_mode = _UnetMode.capture(unet)
+    saved_mode = UnetMode.capture(unet)
     saved_lora = LoraState.capture(unet)
     faceid = adapters.mode.encoder_hid_proj.image_projection_layers[FACEID_INDEX]
     try:
@@ -272,6 +272,13 @@ class IdentityModels:
     refine_pipe: StableDiffusionXLControlNetInpaintPipeline
     recipe: RefineRecipe = RECIPE
     residency: UnetSwap | None = None  # which UNet is on the device (24 GB plan)
+
+    @staticmethod
+    def reference_from(crops: Sequence[Image.Image], *, embeddings: Sequence[np.ndarray],
+                       score_embeddings: Sequence[np.ndarray]) -> ReferenceIdentity:
+        """One person from their photos' crops and embeddings (`ReferenceIdentity.from_photos`;
+        buffalo_l's `score_embeddings` are FaceID's)."""
+        return ReferenceIdentity.from_photos(embeddings, crops, score_embeddings)
 
     def _holding(self, name: str) -> AbstractContextManager[None]:
         return self.residency.holding(name) if self.residency is not None else nullcontext()

@@ -106,6 +106,26 @@ class Layout:
     def picker_mmproj(self) -> Path:
         return self.root / "qwen25-vl" / "mmproj-Qwen2.5-VL-3B-Instruct-f16.gguf"
 
+    # The commercial profile's face models: OpenCV model zoo's YuNet (detection, MIT) and SFace
+    # (recognition, Apache-2.0), read by cv2.FaceDetectorYN / cv2.FaceRecognizerSF.
+    @property
+    def yunet(self) -> Path:
+        return self.root / "opencv" / "face_detection_yunet_2023mar.onnx"
+
+    @property
+    def sface(self) -> Path:
+        return self.root / "opencv" / "face_recognition_sface_2021dec.onnx"
+
+    # The commercial profile's picker pair, both from ggml-org/Qwen2-VL-2B-Instruct-GGUF
+    # (Apache-2.0; llama.cpp's `qwen2vl_merger` projector).
+    @property
+    def commercial_picker_model(self) -> Path:
+        return self.root / "qwen2-vl" / "Qwen2-VL-2B-Instruct-Q4_K_M.gguf"
+
+    @property
+    def commercial_picker_mmproj(self) -> Path:
+        return self.root / "qwen2-vl" / "mmproj-Qwen2-VL-2B-Instruct-f16.gguf"
+
     @property
     def warm_up_reference(self) -> Path:
         """A face photo the start-up warm-up swaps, when the weights tree brings its own (the

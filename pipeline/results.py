@@ -129,6 +129,7 @@ class FaceSwapReport:
     identities: list[IdentityOutcome]
     scene: tuple[Face, ...] = ()
     listed: bool = False
+    similarity_model: str = "buffalo_l"  # what every similarity was measured with
 
     @property
     def applied(self) -> bool:
@@ -155,7 +156,8 @@ class FaceSwapReport:
             answer: dict[str, Any] = {
                 "applied": one.applied, "reason": one.reason, "similarity": one.similarity,
                 "reference": one.reference_json(),
-                "target": FacesFound(self.scene, one.target, one.picked_by).to_json()}
+                "target": FacesFound(self.scene, one.target, one.picked_by).to_json(),
+                "similarity_model": self.similarity_model}
             if one.refine is not None:
                 answer["refine"] = one.refine
             if self.listed:
@@ -163,6 +165,7 @@ class FaceSwapReport:
             return answer
         return {"applied": self.applied, "reason": self.reason, "similarity": None,
                 "target": FacesFound(self.scene).to_json(),
+                "similarity_model": self.similarity_model,
                 "identities": [one.to_json() for one in self.identities]}
 
 
@@ -199,6 +202,7 @@ class Result:
     steps: int | None = None
     cfg: float | None = None  # the guidance scale sampled with (FAST_CFG when omitted, fast)
     scheduler: str | None = None
+    profile: str | None = None  # the worker's model profile (`pipeline.profiles`)
 
     @property
     def image(self) -> Image.Image:
@@ -223,6 +227,8 @@ class Result:
         if self.preset is not None:
             answer.update(preset=self.preset, steps=self.steps, cfg=self.cfg,
                           scheduler=self.scheduler)
+        if self.profile is not None:
+            answer["profile"] = self.profile
         if self.face_swap is not None:
             answer["face_swap"] = self.face_swap.to_json()
         return answer

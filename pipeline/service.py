@@ -215,7 +215,8 @@ class CharacterService:
                 mode = "text"
             result = Result(images, seed, mode, dict(timings), prompt_tokens=tokens,
                             preset=request.preset, steps=params.steps, cfg=params.cfg,
-                            scheduler=scheduler_name(self.text_pipe, request.preset))
+                            scheduler=scheduler_name(self.text_pipe, request.preset),
+                            profile=self.settings.profile)
             if self.residency.seconds > swapped:
                 # Inside "generate"/"refine" already; reported apart so the cost is visible.
                 result.timings["unet_swap"] = self.residency.seconds - swapped

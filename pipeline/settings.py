@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pipeline.errors import SettingsError
 from pipeline.layout import DEFAULT_WEIGHTS_DIR
+from pipeline.profiles import DEFAULT_PROFILE, PROFILES
 
 DEFAULT_VOLUME_ROOT = Path("/runpod-volume")
 # RunPod caps a job's result at 10 MB for /run and 20 MB for /runsync. The worker cannot tell
@@ -42,6 +43,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("WEIGHTS_DIR", "`<project>/weights`", "the weights tree"),
+    Setting("PIPELINE_PROFILE", "`seed`", "the model set: `seed` (the seed's models) or "
+            "`commercial` (only files whose licences allow a paid API; docs/face-swap.md)"),
     Setting("PIPELINE_DEVICE", "CUDA when present", "`cpu` forces the CPU (fp32)"),
     Setting("PIPELINE_UNET_SWAP", "`auto`", "the two SDXL UNets take turns on GPUs under 28 GiB; "
             "`1` always, `0` never (docs/performance.md)"),
@@ -171,6 +174,7 @@ class Settings:
     """The validated settings (see `SETTINGS` for the variables)."""
 
     weights_dir: Path = DEFAULT_WEIGHTS_DIR
+    profile: str = DEFAULT_PROFILE  # pipeline.profiles: "seed" or "commercial"
     force_cpu: bool = False
     unet_swap: str = "auto"  # "auto", "on" or "off"
     torch_compile: bool = False
@@ -202,6 +206,7 @@ class Settings:
         limit = _integer(env, "RESPONSE_LIMIT_BYTES", 1024, MAX_RESPONSE_LIMIT_BYTES)
         return cls(
             weights_dir=Path(env.get("WEIGHTS_DIR") or DEFAULT_WEIGHTS_DIR),
+            profile=_choice(env, "PIPELINE_PROFILE", PROFILES, DEFAULT_PROFILE),
             force_cpu=device == "cpu",
             unet_swap=swap,
             torch_compile=_flag(env, "PIPELINE_TORCH_COMPILE"),
