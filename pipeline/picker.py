@@ -1,5 +1,7 @@
 """Face picking by description: which detected face a phrase such as "the woman on the left"
-means, answered by Qwen2.5-VL-3B (GGUF, llama-cpp-python with the mtmd vision projector).
+means, answered by a Qwen vision-language model (GGUF, llama-cpp-python with the mtmd vision
+projector): Qwen2.5-VL-3B in the seed profile, Qwen2-VL-2B (Apache-2.0) in the commercial one
+(`PickerModelSpec`, `FacePicker.load(layout, profile=...)`).
 
 One picker serves both `face_description` (the reference photo) and `target_description` (the
 generated scene). Every call shows the model ONE image: the scene with a numbered box around
@@ -10,9 +12,10 @@ Never fatal: one face or no description makes no model call, and any failure (mo
 timeout, unusable answer) falls back to the largest face with `picked_by` saying why. The
 design and the sizes (image tokens, context, VRAM) are explained in docs/picker.md.
 
-Two things keep the model seeing what Qwen2.5-VL was trained on: `check_projector` refuses a
-vision projector llama.cpp would run as a different encoder (a Qwen2-VL or fork-era Qwen2.5-VL
-conversion), and `PICKER_CHAT_FORMAT` ends the prompt with `<|im_start|>assistant` and its
+Two things keep the model seeing what it was trained on: `check_projector` refuses a vision
+projector llama.cpp would run as a different encoder than the profile's model was trained with
+(for the seed a Qwen2-VL or fork-era Qwen2.5-VL conversion, for the commercial profile a
+Qwen2.5-VL one), and `PICKER_CHAT_FORMAT` ends the prompt with `<|im_start|>assistant` and its
 newline, which the stock handler's template loses.
 """
 
@@ -35,23 +38,28 @@ from pipeline import cancel
 from pipeline.errors import Cancelled, NoFaceFound, PickerFailure, WeightsMissing, shorten
 from pipeline.layout import Layout
 from pipeline.picker_model import (  # noqa: F401  (re-exported: the picker's API)
+    COMMERCIAL_PICKER,
     N_BATCH,
     N_CTX,
     PICKER_CHAT_FORMAT,
     PROJECTOR_TYPE,
+    SEED_PICKER,
     SYSTEM_PROMPT,
+    PickerModelSpec,
     chat_messages,
     check_projector,
     gguf_metadata,
     open_llama,
     picker_chat_handler,
+    picker_model_spec,
 )
+from pipeline.profiles import SEED
 
 log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
 
-PATCH = 28  # Qwen2.5-VL: 14 px patches merged 2x2, so one image token per 28x28 px
+PATCH = 28  # Qwen2-VL and 2.5-VL: 14 px patches merged 2x2, so one image token per 28x28 px
 MAX_SIDE = 672  # long side of the sheet: at most 24x24 = 576 image tokens
 MIN_SIDE = 2 * PATCH
 MAX_IMAGE_TOKENS = (MAX_SIDE // PATCH) ** 2
@@ -95,7 +103,7 @@ class Sheet:
 
     @property
     def image_tokens(self) -> int:
-        """Vision tokens Qwen2.5-VL spends on the sheet (its sides are multiples of 28 px)."""
+        """Vision tokens the model spends on the sheet (its sides are multiples of 28 px)."""
         return (self.image.width // PATCH) * (self.image.height // PATCH)
 
 
@@ -235,6 +243,7 @@ class FacePicker:
         self.timeout_s = timeout_s
         self.temperature = temperature
         self.max_side = max_side
+        self.spec: PickerModelSpec | None = None  # which pair `load` opened (None: built here)
         self.error: str | None = None  # why the model is unusable, when it is
         self.loads = 0
         self.model_calls = 0
@@ -246,24 +255,30 @@ class FacePicker:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="face-picker")
 
     @classmethod
-    def load(cls, layout: Layout, *, n_gpu_layers: int = -1, n_threads: int | None = None,
-             timeout_s: float = DEFAULT_TIMEOUT_S, temperature: float = 0.0,
-             max_side: int = MAX_SIDE, required: bool = False) -> FacePicker:
-        """Load the model now and run one tiny image through it (which also sets up the vision
+    def load(cls, layout: Layout, *, profile: str = SEED, n_gpu_layers: int = -1,
+             n_threads: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+             temperature: float = 0.0, max_side: int = MAX_SIDE,
+             required: bool = False) -> FacePicker:
+        """Load `profile`'s pair (`picker_model_spec`: "seed" or "commercial"; another raises
+        ValueError) now and run one tiny image through it (which also sets up the vision
         projector and reserves its buffers). `required` (on a GPU host): a model or projector
-        that does not load or warm up raises WeightsMissing naming both files, so the worker
-        never starts with every description silently falling back. Otherwise the picker answers
-        every pick with the largest face and says why. The projector is checked before
-        llama.cpp opens it (`check_projector`): a wrong one is such a failure, named with its
-        file and the reason."""
-        picker = cls(lambda: open_llama(layout, n_gpu_layers=n_gpu_layers, n_threads=n_threads),
+        that does not load or warm up raises WeightsMissing naming both of the profile's files,
+        so the worker never starts with every description silently falling back. Otherwise the
+        picker answers every pick with the largest face and says why. The projector is checked
+        before llama.cpp opens it (`check_projector`): a wrong one is such a failure, named
+        with its file and the reason."""
+        spec = picker_model_spec(profile)
+        picker = cls(lambda: open_llama(layout, profile=spec.profile, n_gpu_layers=n_gpu_layers,
+                                        n_threads=n_threads),
                      timeout_s=timeout_s, temperature=temperature, max_side=max_side)
+        picker.spec = spec
         picker.warm_up()
         if required and picker.error is not None:
             picker.close()
+            owner = "" if spec.profile == SEED else f"{spec.profile} profile's "
             raise WeightsMissing(
-                f"face picker model {layout.picker_model} with projector {layout.picker_mmproj} "
-                f"did not load or warm up: {picker.error}")
+                f"{owner}face picker model {spec.model(layout)} with projector "
+                f"{spec.mmproj(layout)} did not load or warm up: {picker.error}")
         return picker
 
     def warm_up(self) -> None:
