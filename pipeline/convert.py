@@ -2,7 +2,9 @@
 
 `python -m pipeline.convert WEIGHTS_DIR` reads each single-file checkpoint once (CyberRealistic
 XL, then Juggernaut XI; one at a time, so the build needs the RAM of one) and writes its four
-weight-bearing components as diffusers/transformers folders of fp16 safetensors:
+weight-bearing components as diffusers/transformers folders of fp16 safetensors. `--profile
+commercial` converts CyberRealistic XL only (that profile never loads Juggernaut XI) and drops
+a conversion of Juggernaut XI left from an earlier run:
 
     WEIGHTS_DIR/converted/cyberrealistic/{unet,vae,text_encoder,text_encoder_2}/
     WEIGHTS_DIR/converted/juggernaut/unet/ ...
@@ -41,6 +43,8 @@ import torch
 
 from pipeline.device import Runtime
 from pipeline.layout import Layout
+from pipeline.profiles import COMMERCIAL, PROFILES, SEED
+from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,17 @@ ComponentCache = dict[tuple[str, str, str], Any]
 def checkpoints(layout: Layout) -> dict[str, Path]:
     """The single-file checkpoints converted, by name, in conversion order."""
     return {"cyberrealistic": layout.cyberrealistic, "juggernaut": layout.juggernaut}
+
+
+# The checkpoints each profile converts. CyberRealistic comes first in both, so a component it
+# shares with Juggernaut is stored under cyberrealistic/ and never points into juggernaut/.
+PROFILE_CHECKPOINTS = {SEED: ("cyberrealistic", "juggernaut"), COMMERCIAL: ("cyberrealistic",)}
+
+
+def profile_checkpoints(layout: Layout, profile: str) -> dict[str, Path]:
+    """`checkpoints(layout)` limited to what `profile` loads, in conversion order."""
+    every = checkpoints(layout)
+    return {name: every[name] for name in PROFILE_CHECKPOINTS[profile]}
 
 
 def converted_root(layout: Layout) -> Path:
@@ -215,19 +230,21 @@ def _convert_one(layout: Layout, name: str, source: Path, out: Path,
 
 
 def convert_weights(root: Path, dtype: torch.dtype | None = DEFAULT_DTYPE,
-                    force: bool = False) -> dict[str, Manifest]:
-    """Convert every SDXL checkpoint under the weights folder `root` into `root/converted/`.
+                    force: bool = False, profile: str = SEED) -> dict[str, Manifest]:
+    """Convert every SDXL checkpoint `profile` loads under the weights folder `root` into
+    `root/converted/` (seed: both; commercial: CyberRealistic XL only).
 
     `dtype=None` keeps each checkpoint's stored dtype. Nothing is done when every manifest is
     current (same sources, same dtype) unless `force`. The tree is written beside the old one
     and swapped in at the end, so an interrupted build never leaves a half conversion."""
     layout = Layout(Path(root))
-    sources = checkpoints(layout)
+    sources = profile_checkpoints(layout, profile)
     if not force:
         current = {name: read_manifest(layout, name) for name in sources}
         if all(m is not None and (dtype is None or m.dtype == str(dtype).removeprefix("torch."))
                for m in current.values()):
             log.info("converted weights under %s are current", converted_root(layout))
+            _drop_other_conversions(layout, sources)
             return {name: m for name, m in current.items() if m is not None}
     layout.check_present([layout.sdxl_config / "model_index.json", *sources.values()])
     final = converted_root(layout)
@@ -240,6 +257,15 @@ def convert_weights(root: Path, dtype: torch.dtype | None = DEFAULT_DTYPE,
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return manifests
+
+
+def _drop_other_conversions(layout: Layout, kept: dict[str, Path]) -> None:
+    """Remove converted/<name> of a checkpoint the profile does not load (seed loads both)."""
+    for name in checkpoints(layout):
+        folder = converted_root(layout) / name
+        if name not in kept and folder.is_dir():
+            shutil.rmtree(folder)
+            log.info("removed %s: this profile does not load %s", folder, name)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -350,14 +376,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remove-sources", action="store_true",
                         help="delete the single-file checkpoints once converted (an image then "
                         "ships each checkpoint once, as the converted folders)")
+    parser.add_argument("--profile", choices=PROFILES, default=None,
+                        help="convert this profile's checkpoints (seed: both; commercial: "
+                        "CyberRealistic XL only); default: $PIPELINE_PROFILE if set, else seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.profile is None:  # pipeline.settings: the one reader of the environment
+        args.profile = Settings.from_env().profile
     dtype = None if args.dtype == "source" else getattr(torch, args.dtype)
     started = time.perf_counter()
-    manifests = convert_weights(args.weights_dir, dtype=dtype, force=args.force)
+    manifests = convert_weights(args.weights_dir, dtype=dtype, force=args.force,
+                                profile=args.profile)
     if args.remove_sources:
         layout = Layout(args.weights_dir)
-        for name, source in checkpoints(layout).items():
+        for name, source in profile_checkpoints(layout, args.profile).items():
             if source.exists() and read_manifest(layout, name) is not None:
                 source.unlink()
                 log.info("removed %s (converted under %s)", source, converted_root(layout))
