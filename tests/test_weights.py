@@ -116,6 +116,10 @@ FILES = {
 }
 
 
+# The keys every entry must carry (weights.lock `commercial` and `profiles`).
+PROFILE_KEYS = {"commercial": True, "profiles": ["seed", "commercial"]}
+
+
 def make_lock(server: FileServer, files: dict[str, bytes] = FILES, *, pin: bool = True) -> dict:
     """A lock whose entries `alpha` and `beta` point at `server` under /repo/<entry>/."""
     entries: dict[str, list] = {}
@@ -126,8 +130,9 @@ def make_lock(server: FileServer, files: dict[str, bytes] = FILES, *, pin: bool 
             {"path": path, "size": len(data) if pin else None,
              "digest": digest(data) if pin else None})
     return {"version": 1, "weights": [
-        {"name": name, "target": f"models/{name}", "sources": [{"uri": f"{server.url}/repo/{name}"}],
-         "files": files_} for name, files_ in entries.items()]}
+        {"name": name, "target": f"models/{name}", **PROFILE_KEYS,
+         "sources": [{"uri": f"{server.url}/repo/{name}"}], "files": files_}
+        for name, files_ in entries.items()]}
 
 
 def fetch(root: Path, lock, **kw):
@@ -188,7 +193,7 @@ def test_unpinned_files_fail_verify_unless_allowed(server, tmp_path):
         verify(tmp_path, lock)
     verify(tmp_path, lock, allow_unpinned=True)
     before = len(server.requests)
-    with pytest.raises(WeightsMissing, match=r"3 file\(s\) of the lock have no size"):
+    with pytest.raises(WeightsMissing, match=r"3 record\(s\) of the lock are not pinned"):
         fetch(tmp_path / "strict", lock)
     assert len(server.requests) == before, "a strict fetch of an unpinned lock downloads nothing"
 
@@ -280,7 +285,7 @@ def test_token_resolution(tmp_path, monkeypatch):
     ("sources", [{"uri": "ftp://x/y"}], "`weights[0].sources[0]`"),
 ])
 def test_lock_errors_name_the_bad_key(key, value, needle):
-    raw = {"version": 1, "weights": [{"name": "m", "target": "m", "sources": [
+    raw = {"version": 1, "weights": [{"name": "m", "target": "m", **PROFILE_KEYS, "sources": [
         {"uri": "https://huggingface.co/o/r/resolve/" + "a" * 40}],
         "files": [{"path": "f.bin", "size": 1, "digest": None}]}]}
     if key in ("path", "digest", "size"):
@@ -297,7 +302,7 @@ def test_lock_rejects_bad_version_duplicates_and_unknown_top_keys():
         parse_lock({"version": "1", "weights": []})
     with pytest.raises(LockFormatError, match="`files` is not a top-level key"):
         parse_lock({"version": 1, "weights": [], "files": []})
-    entry = {"name": "m", "target": "t", "sources": [{"uri": "https://h/x"}],
+    entry = {"name": "m", "target": "t", **PROFILE_KEYS, "sources": [{"uri": "https://h/x"}],
              "files": [{"path": "f", "size": None, "digest": None}]}
     with pytest.raises(LockFormatError, match="used twice"):
         parse_lock({"version": 1, "weights": [entry, entry]})
@@ -359,7 +364,7 @@ def test_lock_fill_pins_a_branch_revision_to_its_commit(server, tmp_path):
     server.files["/api/models/org/model-GGUF/revision/main"] = json.dumps({"sha": sha}).encode()
     server.files[f"/org/model-GGUF/resolve/{sha}/model.gguf"] = data
     raw = {"version": 1, "weights": [{
-        "name": "gguf", "target": "models/gguf",
+        "name": "gguf", "target": "models/gguf", **PROFILE_KEYS,
         "sources": [{"uri": f"{server.url}/org/model-GGUF/resolve/main"}],
         "files": [{"path": "model.gguf", "size": None, "digest": None}]}]}
     path = tmp_path / "weights.lock"
@@ -377,14 +382,12 @@ def test_lock_fill_pins_a_branch_revision_to_its_commit(server, tmp_path):
 
 def test_lock_from_tree_lists_the_files_present(tmp_path):
     template = parse_lock({"version": 1, "weights": [
-        {"name": "enc", "target": "ip/models/enc", "sources": [{"uri": "https://h/a"}],
-         "files": [{"path": "model.safetensors", "size": 9, "digest": None}]},
-        {"name": "llm", "target": "qwen", "sources": [{"uri": "https://h/b"}],
-         "files": [{"path": "m.gguf", "size": None, "digest": None}]},
-        {"name": "proj", "target": "qwen", "sources": [{"uri": "https://h/c"}],
-         "files": [{"path": "mmproj.gguf", "size": None, "digest": None}]},
-        {"name": "absent", "target": "nothing", "sources": [{"uri": "https://h/d"}],
-         "files": [{"path": "x", "size": None, "digest": None}]}]})
+        {"name": name, "target": target, **PROFILE_KEYS, "sources": [{"uri": f"https://h/{name}"}],
+         "files": [{"path": path, "size": size, "digest": None}]}
+        for name, target, path, size in (("enc", "ip/models/enc", "model.safetensors", 9),
+                                         ("llm", "qwen", "m.gguf", None),
+                                         ("proj", "qwen", "mmproj.gguf", None),
+                                         ("absent", "nothing", "x", None))]})
     files = {"ip/models/enc/config.json": b"{}", "ip/models/enc/model.safetensors": b"tiny",
              "qwen/m.gguf": b"GGUF1", "qwen/mmproj.gguf": b"GGUF22", "qwen/extra.txt": b"x"}
     for rel, data in files.items():
@@ -435,6 +438,9 @@ SPEC_MODELS = {
 }
 PINNED_URI = re.compile(r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/([0-9a-f]{40}|main)"
                         r"(/[\w./-]+)?")
+# The OpenCV model zoo keeps its ONNX files in Git LFS: GitHub serves their bytes here.
+GITHUB_LFS_URI = re.compile(r"https://media\.githubusercontent\.com/media/opencv/opencv_zoo/"
+                            r"([0-9a-f]{40})/models/[\w./-]+")
 
 
 @pytest.fixture(scope="module")
@@ -487,8 +493,10 @@ def test_repo_lock_sources_are_pinned_or_documented(repo_lock):
     doc = (PROJECT_ROOT / "docs" / "weights.md").read_text()
     for entry in repo_lock.weights:
         for source in entry.sources:
-            m = PINNED_URI.fullmatch(source.uri)
-            assert m, f"{entry.name}: {source.uri} is not a huggingface.co resolve URL"
+            m = PINNED_URI.fullmatch(source.uri) or GITHUB_LFS_URI.fullmatch(source.uri)
+            assert m, f"{entry.name}: {source.uri} is neither a huggingface.co resolve URL " \
+                "nor an opencv_zoo LFS URL at a commit"
+            assert source.revision_pinned == (m.group(1) != "main")
             if m.group(1) == "main":
                 assert f"`{entry.name}`" in doc and "main" in doc, \
                     f"{entry.name} is unpinned (main) but docs/weights.md does not say so"

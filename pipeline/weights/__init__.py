@@ -5,8 +5,9 @@ Split by dependency direction, each module importing only those before it:
 - `pipeline.weights.lock`: the lock format (parse, load, save) and the checks (size, sha256,
   `verify`); standard library only.
 - `pipeline.weights.fetch`: parallel, resumable, verified downloads; adds `requests`.
-- `pipeline.weights.__main__`: the CLI, `python -m pipeline.weights fetch|verify|lock` (the
-  tiny twins, a development tool, have their own: `python -m twins write DIR`).
+- `pipeline.weights.__main__`: the CLI, `python -m pipeline.weights fetch|verify|lock|licences`,
+  each taking `--profile` (the tiny twins, a development tool, have their own: `python -m twins
+  write DIR`).
 
 This package re-exports the lock's names (``from pipeline.weights import load_lock``) and
 imports nothing else, so importing it stays cheap (no torch, no `requests`).
@@ -15,8 +16,10 @@ imports nothing else, so importing it stays cheap (no torch, no `requests`).
 from __future__ import annotations
 
 from pipeline.weights.lock import (
+    COMMERCIAL_PROFILES,
     COMMIT,
     DEFAULT_LOCK,
+    GITHUB_MEDIA,
     HF_RESOLVE,
     LOCK_VERSION,
     Lock,
@@ -28,6 +31,7 @@ from pipeline.weights.lock import (
     destination,
     load_lock,
     lock_to_dict,
+    noncommercial_present,
     parse_lock,
     problems,
     raise_problems,
@@ -38,8 +42,10 @@ from pipeline.weights.lock import (
 )
 
 __all__ = [
+    "COMMERCIAL_PROFILES",
     "COMMIT",
     "DEFAULT_LOCK",
+    "GITHUB_MEDIA",
     "HF_RESOLVE",
     "LOCK_VERSION",
     "Lock",
@@ -51,6 +57,7 @@ __all__ = [
     "destination",
     "load_lock",
     "lock_to_dict",
+    "noncommercial_present",
     "parse_lock",
     "problems",
     "raise_problems",

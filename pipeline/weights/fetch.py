@@ -205,19 +205,33 @@ def _fetch_into(session: requests.Session, dest: Path, entry: WeightEntry, file:
     return f"download failed: {label} ({'; '.join(errors[-3:])})"
 
 
+LOCK_STEP = ("run `python -m pipeline.weights lock` on a machine with network (HF_TOKEN set for "
+             "gated files), review and commit the weights.lock diff, then fetch again")
+
+
+def unpinned_records(lock: Lock) -> list[str]:
+    """What keeps `lock` from a strict fetch: files without size/digest, sources at a branch."""
+    found = [f"unpinned: {e.target}/{f.path}" for e, f in lock.items() if not f.pinned]
+    return found + [f"revision not a commit: {e.name} ({s.uri})" for e in lock.weights
+                    for s in e.sources if not s.revision_pinned]
+
+
+def unpinned_message(records: list[str]) -> str:
+    """One line (the CLI prints it, a failed Docker build ends with it): what is unpinned and
+    the one way out."""
+    return (f"{len(records)} record(s) of the lock are not pinned ({'; '.join(records)}): "
+            f"{LOCK_STEP} (--allow-unpinned fetches without the check)")
+
+
 def fetch(root: Path | str, lock: Lock, *, token: str | None = None, workers: int = 4,
           retries: int = 3, backoff: float = 1.0, timeout: float = 60.0,
           allow_unpinned: bool = False) -> None:
     """Download every file of `lock` under `root`, then verify all of them; raise WeightsMissing
     naming every file that failed."""
     root = Path(root)
-    unpinned = [f"unpinned: {e.target}/{f.path}" for e, f in lock.items() if not f.pinned]
-    unpinned += [f"revision not a commit: {e.name} ({s.uri})" for e in lock.weights
-                 for s in e.sources if not s.revision_pinned]
+    unpinned = unpinned_records(lock)
     if unpinned and not allow_unpinned:  # fail before downloading gigabytes for nothing
-        raise WeightsMissing(f"{len(unpinned)} file(s) of the lock have no size and/or digest "
-                             "(run `python -m pipeline.weights lock`, or pass --allow-unpinned): "
-                             + "; ".join(unpinned))
+        raise WeightsMissing(unpinned_message(unpinned))
     root.mkdir(parents=True, exist_ok=True)
     token = resolve_token(token)
     if any(e.gated for e in lock.weights) and not token:
@@ -257,6 +271,8 @@ def _pin_revision(session: requests.Session, source: LockSource, token: str | No
     if source.revision_pinned:
         return source
     match = HF_RESOLVE.fullmatch(source.uri.rstrip("/"))
+    if match is None:  # a GitHub LFS URL at a branch: no revision API here, pin it by hand
+        raise FetchError(f"{source.uri}: pin this source to a 40-hex commit by hand", retry=False)
     api = f"{match['origin']}/api/models/{match['repo']}/revision/{match['revision']}"
     resp = _open(session, api, {"User-Agent": USER_AGENT, "Accept": "application/json"}, token,
                  timeout)
@@ -271,17 +287,23 @@ def _pin_revision(session: requests.Session, source: LockSource, token: str | No
     return LockSource(pinned)
 
 
-def lock_fill(lock_path: Path | str, *, token: str | None = None, timeout: float = 60.0) -> int:
+def lock_fill(lock_path: Path | str, *, token: str | None = None, timeout: float = 60.0,
+              profile: str | None = None) -> int:
     """Pin every source at a branch or tag (`main`) to its current commit, then fill every null
     size/digest of the lock by streaming the file through sha256 (nothing is written but the
-    lock); a value already in the lock must match. Returns how many file records changed. Run
-    it on a machine with network access, then review and commit the lock."""
+    lock); a value already in the lock must match. `profile`: only that profile's entries (the
+    others are kept as they are); None: all. Returns how many file records changed. Run it on a
+    machine with network access, then review and commit the lock."""
     lock_path = Path(lock_path)
     lock = load_lock(lock_path)
+    chosen = {e.name for e in (lock if profile is None else lock.for_profile(profile)).weights}
     token = resolve_token(token)
     changed, mismatches, entries = 0, [], []
     with requests.Session() as session:
         for entry in lock.weights:
+            if entry.name not in chosen:
+                entries.append(entry)
+                continue
             entry = replace(entry, sources=[_pin_revision(session, s, token, timeout)
                                             for s in entry.sources])
             files = []

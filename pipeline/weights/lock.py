@@ -7,10 +7,13 @@ folders as `pipeline.layout.Layout`); each file lands at ``<root>/<target>/<path
 downloaded from ``<source uri>/<path>`` (later sources are mirrors of the first). An entry may
 also say ``"license"`` and ``"gated": true`` (needs a Hugging Face token at fetch time). A
 ``null`` size or digest means "not pinned yet": `python -m pipeline.weights lock` fills it in on
-a machine with network.
+a machine with network. Every entry also says whether its licence allows commercial use behind
+an API (``"commercial": true|false``) and which model profiles load it (``"profiles": ["seed",
+"commercial"]``, names from `pipeline.profiles`); `Lock.for_profile` selects a profile's entries
+and refuses a commercial profile that would ship a non-commercial file.
 
 Here: the format (parse, load, save), the checks (`destination`, `sha256_file`, `problems`,
-`verify`). Standard library only, importable without torch or `requests`; it imports nothing of
+`verify`, `noncommercial_present`). Standard library only, importable without torch or `requests`; it imports nothing of
 `pipeline.weights` (`fetch` and `__main__` import it, never the other way).
 """
 
@@ -27,13 +30,20 @@ from pathlib import Path, PurePosixPath
 
 from pipeline.errors import LockFormatError, WeightsMissing
 from pipeline.layout import PROJECT_ROOT
+from pipeline.profiles import COMMERCIAL, PROFILES
 
 log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1
 DEFAULT_LOCK = PROJECT_ROOT / "weights.lock"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_ENTRY_KEYS = ("name", "target", "license", "gated", "sources", "files")  # canonical order
+# Canonical order; `commercial` and `profiles` are required, the others optional.
+_ENTRY_KEYS = ("name", "target", "license", "commercial", "profiles", "gated", "sources", "files")
+# Profiles sold behind a paid API: every file they load must have `commercial: true`.
+COMMERCIAL_PROFILES = frozenset({COMMERCIAL})
+# `pipeline.convert` writes converted/<checkpoint>/manifest.json naming its source file (kept
+# equal to pipeline.convert.CONVERTED_DIR / MANIFEST by tests/test_weights.py; no torch here).
+CONVERTED_MANIFESTS = "converted/*/manifest.json"
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -41,6 +51,9 @@ _HASH_CHUNK = 8 * 1024 * 1024
 HF_RESOLVE = re.compile(r"(?P<origin>https?://[^/]+)/(?P<repo>[^/]+/[^/]+)/resolve/"
                         r"(?P<revision>[^/]+)(?P<folder>/.*)?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
+# A GitHub LFS file URL prefix: media.githubusercontent.com/media/<owner>/<repo>/<ref>[/<folder>].
+GITHUB_MEDIA = re.compile(r"https://media\.githubusercontent\.com/media/(?P<repo>[^/]+/[^/]+)/"
+                          r"(?P<revision>[^/]+)(?P<folder>/.*)?")
 
 
 @dataclass(frozen=True)
@@ -51,9 +64,10 @@ class LockSource:
 
     @property
     def revision_pinned(self) -> bool:
-        """False for a Hugging Face URL at a branch or tag (`main`): its bytes can change under
-        the same URL. Other URLs (mirrors, test servers) have no revision to pin."""
-        match = HF_RESOLVE.fullmatch(self.uri.rstrip("/"))
+        """False for a Hugging Face or GitHub LFS URL at a branch or tag (`main`): its bytes can
+        change under the same URL. Other URLs (mirrors, test servers) have no revision to pin."""
+        uri = self.uri.rstrip("/")
+        match = HF_RESOLVE.fullmatch(uri) or GITHUB_MEDIA.fullmatch(uri)
         return match is None or COMMIT.fullmatch(match["revision"]) is not None
 
 
@@ -80,6 +94,8 @@ class WeightEntry:
     files: list[LockFile]
     license: str | None = None
     gated: bool = False
+    commercial: bool = False  # the licence allows commercial use behind an API
+    profiles: tuple[str, ...] = ()  # the pipeline.profiles names that load this entry
 
     def url(self, file: LockFile, source: LockSource) -> str:
         return source.uri.rstrip("/") + "/" + file.path
@@ -94,6 +110,20 @@ class Lock:
 
     def items(self) -> list[tuple[WeightEntry, LockFile]]:
         return [(entry, f) for entry in self.weights for f in entry.files]
+
+    def for_profile(self, name: str) -> Lock:
+        """The entries profile `name` loads. A commercial profile that would take an entry
+        marked `commercial: false` is refused: a lock bug must not ship a non-commercial file."""
+        if name not in PROFILES:
+            raise LockFormatError(f"unknown profile {name!r} (one of: {', '.join(PROFILES)})")
+        chosen = [e for e in self.weights if name in e.profiles]
+        barred = [e.name for e in chosen if not e.commercial]
+        if name in COMMERCIAL_PROFILES and barred:
+            raise LockFormatError(
+                f"profile {name!r} lists entries whose licence does not allow commercial use "
+                f"(commercial: false): {', '.join(barred)}; remove {name!r} from their "
+                "`profiles` in the lock")
+        return Lock(chosen, self.version)
 
 
 # ---------------------------------------------------------------------------- format
@@ -158,9 +188,26 @@ def _parse_entry(raw: object, key: str) -> WeightEntry:
         raise LockFormatError(f"`{key}.license` must be a string, got {license_!r}")
     if not isinstance(gated, bool):
         raise LockFormatError(f"`{key}.gated` must be true or false, got {gated!r}")
+    commercial = raw.get("commercial")
+    if not isinstance(commercial, bool):
+        raise LockFormatError(f"`{key}.commercial` must be true or false (does the licence allow "
+                              f"commercial use behind an API?), got {commercial!r}")
     return WeightEntry(name, raw["target"], parsed_sources,
                        [_parse_file(f, f"{key}.files[{i}]") for i, f in enumerate(files)],
-                       license_, gated)
+                       license_, gated, commercial, _parse_profiles(raw.get("profiles"), key))
+
+
+def _parse_profiles(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise LockFormatError(f"`{key}.profiles` must be a non-empty list of profile names "
+                              f"({', '.join(PROFILES)}), got {value!r}")
+    for i, name in enumerate(value):
+        if name not in PROFILES:
+            raise LockFormatError(f"`{key}.profiles[{i}]` must be one of "
+                                  f"{', '.join(PROFILES)}, got {name!r}")
+        if name in value[:i]:
+            raise LockFormatError(f"`{key}.profiles[{i}]` repeats {name!r}")
+    return tuple(value)
 
 
 def parse_lock(data: object, where: str = "weights.lock") -> Lock:
@@ -212,6 +259,8 @@ def lock_to_dict(lock: Lock) -> dict:
         d: dict = {"name": e.name, "target": e.target}
         if e.license is not None:
             d["license"] = e.license
+        d["commercial"] = e.commercial
+        d["profiles"] = list(e.profiles)
         if e.gated:
             d["gated"] = True
         d["sources"] = [{"uri": s.uri} for s in e.sources]
@@ -313,6 +362,26 @@ def raise_problems(root: Path, lines: list[str]) -> None:
     if lines:
         raise WeightsMissing(f"{len(lines)} model file(s) under {root} do not match the lock: "
                              + "; ".join(lines))
+
+
+def noncommercial_present(root: Path | str, lock: Lock) -> list[str]:
+    """What under `root` comes from an entry marked `commercial: false`: its files, and folders
+    `pipeline.convert` made from them (found by each manifest's `source`). A commercial tree must
+    hold none: `cog build` copies whatever weights/ contains."""
+    root = Path(root)
+    barred = {f"{e.target}/{f.path}": e.name for e, f in lock.items() if not e.commercial}
+    found = [f"non-commercial file present: {rel} ({name}: commercial: false)"
+             for rel, name in barred.items() if (root / rel).is_file()]
+    for manifest in sorted(root.glob(CONVERTED_MANIFESTS)):
+        try:
+            source = json.loads(manifest.read_text(encoding="utf-8")).get("source")
+        except (OSError, ValueError, AttributeError):
+            source = None
+        if source in barred:
+            found.append(f"non-commercial conversion present: "
+                         f"{manifest.parent.relative_to(root).as_posix()} (made from {source}, "
+                         f"{barred[source]}: commercial: false)")
+    return found
 
 
 def verify(root: Path | str, lock: Lock, *, allow_unpinned: bool = False) -> None:
