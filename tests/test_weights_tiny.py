@@ -1,5 +1,6 @@
 """`python -m twins write DIR` then `verify DIR --lock DIR/weights.tiny.lock`, as a user
-runs them; a corrupted twin is reported by name."""
+runs them; a corrupted twin is reported by name; a full twin tree (every profile's files) is
+no commercial tree."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def test_tiny_then_verify_and_a_corrupted_file_is_named(tmp_path):
     assert lock.is_file()
     verified = _weights("verify", str(tmp_path), "--lock", str(lock))
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    every = _weights("verify", str(tmp_path), "--lock", str(lock), "--profile", "all")
+    assert every.returncode == 0, every.stdout + every.stderr
+    # The twins write both profiles' files: as a commercial tree it must be refused, naming them.
+    mixed = _weights("verify", str(tmp_path), "--lock", str(lock), "--profile", "commercial")
+    assert mixed.returncode == 1
+    assert "non-commercial file present: juggernaut-xi/Juggernaut-XI-byRunDiffusion" \
+           ".safetensors (juggernaut-xi: commercial: false)" in mixed.stderr
+    assert "insightface/models/buffalo_l/w600k_r50.onnx" in mixed.stderr
     victim = tmp_path / "sam" / "sam_vit_b_01ec64.pth"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
