@@ -1,7 +1,9 @@
-"""Fidelity eval: how much of the reference identity the face swap keeps, scored by ArcFace.
+"""Fidelity eval: how much of the reference identity the face swap keeps, scored by the
+profile's face recognisers (ArcFace in the seed profile, SFace in the commercial one).
 
     python -m bench.fidelity --references DIR [--held-out DIR] [--prompts FILE] [--seeds N]
-        [--steps N] [--preset quality|fast] [--weights DIR] --json OUT [--sheet PNG] [--smoke]
+        [--steps N] [--preset quality|fast] [--profile seed|commercial] [--weights DIR]
+        --json OUT [--sheet PNG] [--smoke]
 
 For every reference photo in DIR (jpg/png/webp), every prompt (`PROMPTS`, or one per line of
 `--prompts`) and seeds `--first-seed`..+N-1, one face swap runs through the real service
@@ -15,7 +17,9 @@ stem). Both encoders also condition the generator, so the score flatters us (doc
 OUT gets per-image rows and a summary (`summarize`): median and p10 over the scored rows, the
 share at or above 0.40 (facefusion's same-person threshold for w600k_r50) over *all* rows, the
 median seconds per image, and counts. A swap that was not applied is a row with similarity null,
-counted, never dropped; the headline numbers use buffalo_l. A contact sheet (reference | output,
+counted, never dropped; the headline numbers use buffalo_l. `--profile commercial` runs the
+commercial service (`PIPELINE_PROFILE`) and scores with its one recogniser, OpenCV's SFace, the
+share counted at SFace's own same-person cosine, 0.363 (`SCORING`). A contact sheet (reference | output,
 128 px thumbnails, one row per image) goes next to OUT or to `--sheet`.
 
 `--smoke` runs the same code on tiny twins (`twins`) in a temporary folder with two
@@ -57,6 +61,13 @@ NEGATIVE_PROMPT = "bad quality, blurry, deformed"
 ENCODERS = {"antelopev2": "glintr100", "buffalo_l": "w600k_r50"}
 HEADLINE = "buffalo_l"  # the service's own scorer; the summary's top-level numbers use it
 SAME_PERSON = 0.40  # facefusion's face-recognition threshold with w600k_r50
+# Per profile: the encoders scored, the headline one, its same-person cosine, the share's key.
+SCORING = {
+    "seed": {"encoders": ENCODERS, "headline": HEADLINE, "threshold": SAME_PERSON,
+             "share_key": "share_at_or_above_0_40"},
+    "commercial": {"encoders": {"sface": "face_recognition_sface_2021dec"}, "headline": "sface",
+                   "threshold": 0.363, "share_key": "share_at_or_above_0_363"},
+}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 THUMB = 128
 # On the tiny twins seed 0's scene holds no face for the smoke references and prompt, seed 1's
@@ -69,30 +80,37 @@ SMOKE_MARKERS = {"person_a": ((150, 120, 362, 392), (170, 140, 350, 380)),
 
 
 def face_embeddings(models: Any, image: Image.Image, box: Any) -> dict[str, np.ndarray]:
-    """Both packs' ArcFace embeddings of the face in `box` of `image`, from one aligned crop:
-    keypoints of the InsightFace face found on the box's crop, else the template on the box
-    (as `pipeline.faces.identity_similarity` aligns it)."""
-    from insightface.utils.face_align import norm_crop
-
+    """The profile's embeddings of the face in `box` of `image`. Seed: both packs' ArcFace
+    embeddings from one aligned crop (keypoints of the InsightFace face found on the box's
+    crop, else the template on the box, as `pipeline.faces.identity_similarity` aligns it).
+    Commercial: SFace's, as the service scores."""
     from pipeline import faces
 
+    if models.opencv is not None:
+        return {"sface": faces.embedding_in_box(models, image, tuple(box))}
+    from insightface.utils.face_align import norm_crop
+
+    from pipeline.insightface_models import ARCFACE_SIZE
+
     bgr = faces._bgr(image)
-    match = faces._face_in_box(models, bgr, tuple(box))
+    match = faces._face_in_box(models, image, tuple(box), bgr)
     keypoints = match.keypoints if match is not None and match.keypoints is not None else (
         faces.template_keypoints(tuple(box)))
-    aligned = norm_crop(bgr, landmark=keypoints, image_size=faces.ARCFACE_SIZE)
+    aligned = norm_crop(bgr, landmark=keypoints, image_size=ARCFACE_SIZE)
     return {"antelopev2": models.analysis.models["recognition"].get_feat(aligned).ravel(),
             "buffalo_l": models.scorer.get_feat(aligned).ravel()}
 
 
 def photo_embeddings(models: Any, image: Image.Image) -> dict[str, np.ndarray] | None:
-    """Both embeddings of the photo's largest face (the service's default choice), or None."""
+    """The embeddings of the photo's largest face (the service's default choice), or None."""
     from pipeline import faces
 
     found = faces.detect_reference_faces(models, image)
     if not found:
         return None
     face = found[faces.choose_face(found, None, "image")[0]]
+    if models.opencv is not None:
+        return {"sface": face.score_embedding}
     return {"antelopev2": face.embedding, "buffalo_l": face.score_embedding}
 
 
@@ -104,30 +122,36 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def similarities(output: dict, other: dict | None) -> dict[str, float] | None:
     return None if other is None else {
-        name: round(cosine(output[name], other[name]), 4) for name in ENCODERS}
+        name: round(cosine(output[name], other[name]), 4) for name in output}
 
 
-def _stats(values: list[float], total: int) -> dict[str, Any]:
+def _stats(values: list[float], total: int, scoring: dict[str, Any]) -> dict[str, Any]:
+    threshold = scoring["threshold"]
     return {"median_similarity": round(statistics.median(values), 4) if values else None,
             "p10_similarity": round(float(np.percentile(values, 10)), 4) if values else None,
-            "share_at_or_above_0_40": round(sum(v >= SAME_PERSON for v in values) / total, 4)
+            scoring["share_key"]: round(sum(v >= threshold for v in values) / total, 4)
             if total else None,
             "scored": len(values)}
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median/p10 over scored rows, share >= 0.40 over all rows (a swap not applied is a miss),
-    per encoder, against the reference and the held-out photo; headline numbers: buffalo_l."""
+def summarize(rows: list[dict[str, Any]], profile: str = "seed") -> dict[str, Any]:
+    """Median/p10 over scored rows, share at the same-person threshold over all rows (a swap
+    not applied is a miss), per encoder, against the reference and the held-out photo; headline
+    numbers: the profile's scorer (buffalo_l, or SFace)."""
+    scoring = SCORING[profile]
+    encoders, headline = scoring["encoders"], scoring["headline"]
+
     def scores(key: str, name: str) -> list[float]:
         return [row[key][name] for row in rows if row.get(key) and row[key].get(name) is not None]
-    by_encoder = {name: _stats(scores("similarity", name), len(rows)) for name in ENCODERS}
+    by_encoder = {name: _stats(scores("similarity", name), len(rows), scoring)
+                  for name in encoders}
     held = [row for row in rows if row.get("held_out") is not None]
-    held_out = {name: _stats(scores("held_out_similarity", name), len(held))
-                for name in ENCODERS} if held else None
+    held_out = {name: _stats(scores("held_out_similarity", name), len(held), scoring)
+                for name in encoders} if held else None
     applied = sum(bool(row["applied"]) for row in rows)
     seconds = [row["seconds"] for row in rows if row.get("seconds") is not None]
-    return {**{k: v for k, v in by_encoder[HEADLINE].items() if k != "scored"},
-            "headline_encoder": f"{HEADLINE} {ENCODERS[HEADLINE]}",
+    return {**{k: v for k, v in by_encoder[headline].items() if k != "scored"},
+            "headline_encoder": f"{headline} {encoders[headline]}",
             "by_encoder": by_encoder, "held_out": held_out,
             "seconds_per_image": round(statistics.median(seconds), 3) if seconds else None,
             "counts": {"rows": len(rows), "applied": applied, "not_applied": len(rows) - applied,
@@ -205,8 +229,9 @@ def evaluate(service: Any, references: list[Path], held_out: Path | None, prompt
                 found = face_embeddings(models, output, target["faces"][target["chosen"]]["box"])
                 row["similarity"] = similarities(found, reference)
                 row["held_out_similarity"] = similarities(found, second)
-            score = (row["similarity"] or {}).get(HEADLINE)
-            log.info("%s | seed %d | %s | %.1f s", path.name, seed, f"{HEADLINE} {score:.3f}"
+            headline = "sface" if models.opencv is not None else HEADLINE
+            score = (row["similarity"] or {}).get(headline)
+            log.info("%s | seed %d | %s | %.1f s", path.name, seed, f"{headline} {score:.3f}"
                      if score is not None else f"not applied: {row['reason']}", row["seconds"])
             rows.append(row)
             pairs.append((ref_thumb, _thumb(output, f"{score:.3f}" if score is not None else "n/a")))
@@ -251,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="default: the preset's (35; fast 8)")
     parser.add_argument("--preset", choices=["quality", "fast"], default="quality",
                         help="quality (the recipe) or fast (Hyper-SD 8-step LoRA)")
+    parser.add_argument("--profile", choices=list(SCORING), default="seed",
+                        help="the model profile to run and score (PIPELINE_PROFILE)")
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--height", type=int, default=1216)
     parser.add_argument("--weights", type=Path, help="weights folder (default $WEIGHTS_DIR)")
@@ -280,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             weights, references, held_out = smoke_inputs(Path(scratch))
             prompts, seeds, size = [SMOKE_PROMPT], [SMOKE_SEED], (512, 512)
             steps = 4 if args.preset == "fast" else 2  # fast takes 4 to 12
+        os.environ["PIPELINE_PROFILE"] = args.profile
         from pipeline.service import CharacterService
 
         photos = find_images(references)
@@ -289,21 +317,24 @@ def main(argv: list[str] | None = None) -> int:
         log.info("warm-up (as the Cog and RunPod adapters run it): %s", service.warm_up())
         rows, sheet = evaluate(service, photos, held_out, prompts, seeds, size, steps,
                                args.preset)
-    summary = summarize(rows)
+    summary = summarize(rows, args.profile)
+    scoring = SCORING[args.profile]
     sheet_path = args.sheet or args.json.with_name(args.json.stem + "_sheet.png")
     for folder in (args.json.parent, sheet_path.parent):
         folder.mkdir(parents=True, exist_ok=True)
     sheet.save(sheet_path)
     report = {"command": " ".join(["python -m bench.fidelity", *(argv or sys.argv[1:])]),
-              "smoke": args.smoke, "encoders": ENCODERS, "threshold": SAME_PERSON,
+              "smoke": args.smoke, "profile": args.profile,
+              "encoders": scoring["encoders"], "threshold": scoring["threshold"],
               "width": size[0], "height": size[1], "steps": steps, "preset": args.preset,
               "seeds": seeds,
               "prompts": prompts, "sheet": str(sheet_path), "summary": summary, "rows": rows}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     counts = summary["counts"]
-    print(f"fidelity: median {HEADLINE} similarity {summary['median_similarity']}, "
-          f"p10 {summary['p10_similarity']}, share >= {SAME_PERSON:.2f} "
-          f"{summary['share_at_or_above_0_40']}, {counts['applied']}/{counts['rows']} applied, "
+    print(f"fidelity ({args.profile}): median {scoring['headline']} similarity "
+          f"{summary['median_similarity']}, p10 {summary['p10_similarity']}, share >= "
+          f"{scoring['threshold']} {summary[scoring['share_key']]}, "
+          f"{counts['applied']}/{counts['rows']} applied, "
           f"{summary['seconds_per_image']} s/image -> {args.json}, {sheet_path}")
     return 0
 

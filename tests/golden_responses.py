@@ -1,6 +1,8 @@
-"""One-reference RunPod responses pinned before face swap became one path (issue 20).
+"""Seed-profile RunPod responses pinned on earlier code: one-reference jobs (issue 20) and text
+jobs (issue 23: the commercial profile must leave the seed profile's answers as they were).
 
-`CASES` are RunPod jobs with one reference (`image_url`, and one `identities` entry); the
+`cases()` are RunPod jobs with one reference (`image_url`, and one `identities` entry) and
+without (text, quality and fast); the
 pinned file holds each response with its timings and duration dropped and the image replaced
 by its sha256, as `normalise` makes it. `tests/test_one_reference_pinned.py` compares today's
 responses with the file.
@@ -34,6 +36,8 @@ def cases() -> dict[str, dict[str, Any]]:
     jobs["group_face_index_2_seed1"] = {"image_url": group, "face_index": 2, "seed": 1}
     jobs["one_identity_entry_seed1"] = {"identities": [{"image_url": single}], "seed": 1}
     jobs["one_identity_entry_seed0"] = {"identities": [{"image_url": single}], "seed": 0}
+    jobs["text_seed0"] = {"seed": 0}
+    jobs["text_fast_seed1"] = {"seed": 1, "preset": "fast", "steps": 4}
     return {name: {"prompt": "a knight", **SIZE, **fields} for name, fields in jobs.items()}
 
 
