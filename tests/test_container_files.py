@@ -3,8 +3,9 @@
 No image is built here (no Docker daemon and no GPU in CI). These tests pin what a RunPod build
 and `cog build` depend on and what a careless edit would break: hadolint-clean, an offline
 runtime, the Hugging Face token only ever in a BuildKit secret mount, weights fetched and verified
-in a cached layer, the same GPU stack in both images, pinned requirements, and build contexts
-that carry the right files.
+in a cached layer, the same GPU stack in both images, pinned requirements, build contexts that
+carry the right files, and a commercial image of either kind holding no file the lock marks
+non-commercial (tests/test_container_profiles.py).
 """
 
 from __future__ import annotations
@@ -302,9 +303,10 @@ def test_weights_fetched_with_secret_mount_then_verified(final_stage):
     assert "HF_TOKEN_FILE=/run/secrets/hf_token python -m pipeline.weights fetch" in args
     # A failed fetch or a bad digest must fail the RUN, hence the build.
     # Then the build-time conversion, and the single files go in the same layer.
-    assert re.search(r"pipeline\.weights fetch /src/weights\s*&&\s*python -m pipeline\.weights "
-                     r"verify /src/weights\s*&&\s*python -m pipeline\.convert /src/weights "
-                     r"--remove-sources\s*$", args)
+    assert re.search(r"pipeline\.weights fetch /src/weights --profile \"\$PROFILE\"\s*&&\s*"
+                     r"python -m pipeline\.weights verify /src/weights --profile \"\$PROFILE\"\s*"
+                     r"&&\s*python -m pipeline\.convert /src/weights --remove-sources "
+                     r"--profile \"\$PROFILE\"\s*$", args)
 
 
 def test_layers_ordered_for_cache(final_stage):
