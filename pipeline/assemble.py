@@ -28,13 +28,9 @@ from diffusers import StableDiffusionXLPipeline
 from pipeline.convert import ComponentCache, load_converted_text_pipeline, sdxl_files
 from pipeline.device import Runtime, pick_runtime
 from pipeline.faces import FaceModels, face_model_files, load_face_models
-from pipeline.identity import (
-    FaceEncoder,
-    IdentityModels,
-    identity_files,
-    install_identity_adapters,
-)
+from pipeline.identity import IdentityModels, identity_files, install_identity_adapters
 from pipeline.instantid import load_refine_pipeline, recipe_for
+from pipeline.ip_adapters import FaceEncoder
 from pipeline.layout import Layout
 from pipeline.picker import FacePicker
 from pipeline.plus_face import (

@@ -35,13 +35,17 @@ import torch
 from diffusers import StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLPipeline
 from diffusers.utils import USE_PEFT_BACKEND
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from pipeline.convert import sdxl_files
-from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError, shorten
 from pipeline.generate import GenerationParams, text_to_image
 from pipeline.instantid import RECIPE, RefineRecipe, refine_crop, refine_seed
+from pipeline.ip_adapters import (  # noqa: F401 - CLIP_HIDDEN_LAYER re-exported for tests
+    CLIP_HIDDEN_LAYER,
+    FaceEncoder,
+    IdentityAdapters,
+    UnetMode,
+)
 from pipeline.layout import Layout
 from pipeline.lora_state import LoraState
 from pipeline.regions import ip_adapter_masks
@@ -62,8 +66,6 @@ FACEID_LORA_ADAPTER = "faceid_0"
 # Adapters are loaded FaceID first, Plus Face second: the order of `ip_adapter_image_embeds`,
 # of the scale list and of `encoder_hid_proj.image_projection_layers`.
 FACEID_INDEX = 0
-# CLIP image features of the IP-Adapter "plus" family: the penultimate hidden states.
-CLIP_HIDDEN_LAYER = -2
 EMBEDDING_SIZE = 512
 
 
@@ -132,34 +134,6 @@ class ReferenceIdentity:
                     name, f"must be {EMBEDDING_SIZE} finite numbers, got {shorten(value)}")
 
 
-@dataclass
-class UnetMode:
-    """The parts of a UNet an IP-Adapter load changes (processor objects kept by identity)."""
-
-    processors: dict[str, Any]
-    encoder_hid_proj: torch.nn.Module | None
-    encoder_hid_dim_type: str | None
-
-    @classmethod
-    def capture(cls, unet: Any) -> UnetMode:
-        return cls(dict(unet.attn_processors), unet.encoder_hid_proj,
-                   unet.config.encoder_hid_dim_type)
-
-    def apply(self, unet: Any) -> None:
-        # The projection first: its Resampler's attention layers count among the processors.
-        unet.encoder_hid_proj = self.encoder_hid_proj
-        unet.set_attn_processor(dict(self.processors))
-        # diffusers' own loader sets this attribute the same way.
-        unet.config.encoder_hid_dim_type = self.encoder_hid_dim_type
-
-
-@dataclass
-class IdentityAdapters:
-    """What `install_identity_adapters` left on the primary pipe: its identity-mode UNet parts."""
-
-    mode: UnetMode
-
-
 def install_identity_adapters(pipe: StableDiffusionXLPipeline, layout: Layout) -> IdentityAdapters:
     """Load FaceID Plus v2 (+ its LoRA) and Plus Face into `pipe`, then switch the pipe back to
     exactly its text-mode state; `identity_priors` switches them on per call."""
@@ -215,40 +189,6 @@ def identity_priors(pipe: StableDiffusionXLPipeline, adapters: IdentityAdapters,
         faceid.clip_embeds = None
         saved_mode.apply(unet)
         saved_lora.apply(unet)
-
-
-class FaceEncoder:
-    """CLIP ViT-H image encoder of the face crop, as the IP-Adapter "plus" models read it."""
-
-    def __init__(self, model: CLIPVisionModelWithProjection):
-        self.model = model
-        size = model.config.image_size
-        # OpenAI CLIP preprocessing (resize, centre crop, mean/std) at the encoder's input size.
-        self.processor = CLIPImageProcessor(size={"shortest_edge": size},
-                                            crop_size={"height": size, "width": size})
-
-    @classmethod
-    def load(cls, layout: Layout, runtime: Runtime) -> FaceEncoder:
-        model = CLIPVisionModelWithProjection.from_pretrained(
-            str(layout.image_encoder), dtype=runtime.dtype, local_files_only=True)
-        return cls(model.to(runtime.device).eval())
-
-    def hidden_states(self, crops: Sequence[Image.Image], with_negative: bool) -> torch.Tensor:
-        """Penultimate hidden states (batch, 1, tokens, width) of one person's crops: with
-        several photos their mean (cubiq's `combine_embeds` "average" on the CLIP output, so a
-        person with more photos gets no more tokens than one with a single photo); the negative
-        is the encoding of an all-zero (normalised) image, as IP-Adapter does."""
-        images = [crop.convert("RGB") for crop in crops]
-        pixels = self.processor(images=images, return_tensors="pt").pixel_values
-        pixels = pixels.to(device=self.model.device, dtype=self.model.dtype)
-        if with_negative:  # one batch, negative first, as one photo always ran
-            pixels = torch.cat([torch.zeros_like(pixels[:1]), pixels])
-        with torch.inference_mode():
-            states = self.model(pixels, output_hidden_states=True).hidden_states[CLIP_HIDDEN_LAYER]
-        if len(images) > 1:
-            first = 1 if with_negative else 0
-            states = torch.cat([states[:first], states[first:].mean(dim=0, keepdim=True)])
-        return states.unsqueeze(1)
 
 
 def faceid_embeds(reference: ReferenceIdentity, with_negative: bool, device: torch.device,

@@ -39,8 +39,8 @@ from pipeline.generate import (
     text_to_image,
     vae_dtype_kept,
 )
-from pipeline.identity import FaceEncoder, IdentityAdapters, UnetMode
 from pipeline.instantid import RECIPE, RefineRecipe, comfy_schedule, refine_seed, work_size
+from pipeline.ip_adapters import FaceEncoder, IdentityAdapters, UnetMode
 from pipeline.layout import Layout
 from pipeline.prompts import encode_prompts
 from pipeline.regions import ip_adapter_masks

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
-    from pipeline.faces import Face
+    from pipeline.face_geometry import Face
 
 Progress = Callable[[str], None]
 

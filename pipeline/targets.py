@@ -24,7 +24,7 @@ from pipeline.identity_schema import Identity
 from pipeline.results import IdentityOutcome
 
 if TYPE_CHECKING:
-    from pipeline.faces import Face
+    from pipeline.face_geometry import Face
     from pipeline.picker import FacePicker
 
 
