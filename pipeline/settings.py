@@ -174,7 +174,6 @@ class Settings:
     """The validated settings (see `SETTINGS` for the variables)."""
 
     weights_dir: Path = DEFAULT_WEIGHTS_DIR
-    profile: str = DEFAULT_PROFILE  # pipeline.profiles: "seed" or "commercial"
     force_cpu: bool = False
     unet_swap: str = "auto"  # "auto", "on" or "off"
     torch_compile: bool = False
@@ -186,6 +185,7 @@ class Settings:
     volume_root: Path = DEFAULT_VOLUME_ROOT
     on_runpod: bool = False  # RunPod sets RUNPOD_WEBHOOK_GET_JOB: progress updates can be posted
     bucket: Bucket | None = None  # `output.upload`'s destination; None: uploads are refused
+    profile: str = DEFAULT_PROFILE  # the model set (pipeline.profiles): "seed" or "commercial"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

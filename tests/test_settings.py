@@ -39,13 +39,14 @@ def test_every_variable_is_read():
         "PIPELINE_TORCH_COMPILE": "yes", "PIPELINE_TORCH_COMPILE_MODE": "max-autotune",
         "PIPELINE_FUSE_QKV": "1", "PIPELINE_REFINE_GUIDE_SIZE": "256",
         "RESPONSE_LIMIT_BYTES": "20000000", "VOLUME_ROOT": "/v", "RUNPOD_WEBHOOK_GET_JOB": "x",
-        "PIPELINE_JOB_TIMEOUT_S": "90"})
+        "PIPELINE_JOB_TIMEOUT_S": "90", "PIPELINE_PROFILE": "Commercial"})
     assert settings == Settings(Path("/w"), True, "on", True, "max-autotune", True, 256,
-                                20_000_000, 90, Path("/v"), True)
+                                20_000_000, 90, Path("/v"), True, profile="commercial")
 
 
 @pytest.mark.parametrize(("variable", "value", "needle"), [
     ("PIPELINE_DEVICE", "gpu", "one of cpu, cuda, auto"),
+    ("PIPELINE_PROFILE", "free", "one of seed, commercial"),
     ("PIPELINE_UNET_SWAP", "sometimes", "auto, 1 or 0"),
     ("PIPELINE_TORCH_COMPILE", "on please", "one of 1, true"),
     ("PIPELINE_FUSE_QKV", "maybe", "one of 1, true"),
@@ -139,7 +140,8 @@ def test_readme_lists_every_setting():
     rows = [f"| `{s.variable}` | {s.default} | {s.meaning} |" for s in SETTINGS]
     table = "| variable | default | what |\n|---|---|---|\n" + "\n".join(rows)
     assert table in readme
-    read = {"WEIGHTS_DIR", "PIPELINE_DEVICE", "PIPELINE_UNET_SWAP", "PIPELINE_TORCH_COMPILE",
+    read = {"WEIGHTS_DIR", "PIPELINE_PROFILE", "PIPELINE_DEVICE", "PIPELINE_UNET_SWAP",
+            "PIPELINE_TORCH_COMPILE",
             "PIPELINE_TORCH_COMPILE_MODE", "PIPELINE_FUSE_QKV", "PIPELINE_REFINE_GUIDE_SIZE", "PIPELINE_JOB_TIMEOUT_S",
             "RESPONSE_LIMIT_BYTES", "VOLUME_ROOT", "BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID",
             "BUCKET_SECRET_ACCESS_KEY", "BUCKET_PUBLIC_URL"}
