@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
               "prompts": prompts, "sheet": str(sheet_path), "summary": summary, "rows": rows}
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     counts = summary["counts"]
-    print(f"fidelity ({args.profile}): median {scoring['headline']} similarity "
+    label = "" if args.profile == "seed" else f" ({args.profile})"
+    print(f"fidelity{label}: median {scoring['headline']} similarity "
           f"{summary['median_similarity']}, p10 {summary['p10_similarity']}, share >= "
           f"{scoring['threshold']} {summary[scoring['share_key']]}, "
           f"{counts['applied']}/{counts['rows']} applied, "

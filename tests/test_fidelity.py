@@ -52,6 +52,27 @@ def test_smoke_writes_the_summary_and_rows_scored_by_both_encoders(smoke):
     assert last.startswith("fidelity: median buffalo_l similarity ")
 
 
+def test_commercial_smoke_scores_with_sface_at_its_threshold(tmp_path):
+    """`--profile commercial` runs the commercial service and scores with SFace alone."""
+    out = tmp_path / "fid.json"
+    done = subprocess.run([sys.executable, "-m", "bench.fidelity", "--smoke", "--profile",
+                           "commercial", "--json", str(out)], cwd=ROOT, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["profile"] == "commercial" and report["threshold"] == 0.363
+    assert set(report["encoders"]) == {"sface"}
+    rows = report["rows"]
+    assert rows and all(row["applied"] for row in rows)
+    for row in rows:
+        assert set(row["similarity"]) == {"sface"}
+        # scored as the service scores (SFace on the reported box)
+        assert row["similarity"]["sface"] == pytest.approx(row["service_similarity"], abs=5e-3)
+    assert "share_at_or_above_0_363" in report["summary"]
+    assert done.stdout.strip().splitlines()[-1].startswith(
+        "fidelity (commercial): median sface similarity ")
+
+
 def test_smoke_writes_a_contact_sheet_next_to_the_report(smoke):
     out, report, _ = smoke
     sheet = out.with_name("fid_sheet.png")
