@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import secrets
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from diffusers import StableDiffusionXLPipeline
 from pipeline import cancel
 from pipeline.assemble import load_models
 from pipeline.cancel import CancelToken
+from pipeline.compiled import CompileWatch, Variant, request_variant, warm_up_graphs
 from pipeline.errors import PipelineError, WorkerUntrusted
 from pipeline.faceswap import FaceSwapStage
 from pipeline.generate import GenerationParams, prompt_tokens, text_to_image
@@ -37,7 +37,6 @@ from pipeline.results import (
 from pipeline.schema import MAX_SEED, Request
 from pipeline.settings import Settings
 from pipeline.shared_state import StateCheck
-from pipeline.speed import COMPILE_WARM_UP_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,8 @@ class CharacterService:
         self.settings = settings or Settings()
         # What every request must leave as start-up left it (recorded after the warm-up).
         self.state = StateCheck({"text": text_pipe, "refine": face_swap.identity.refine_pipe})
+        # With torch.compile on: graphs compiled after the warm-up are reported (tests: raised).
+        self.compile_watch = CompileWatch()
         self._lock = threading.Lock()
 
     @classmethod
@@ -95,39 +96,54 @@ class CharacterService:
         the seconds of each warm-up stage, also logged. One small text generation also runs
         with the fast preset (its LoRA and scheduler; counted in `text`).
 
-        Text: a small generation; with `torch.compile` on, also one at each of
-        `COMPILE_WARM_UP_SIZES`, whose seconds (mostly compilation) are kept in
-        `speed["text"]["compile"]`. Face: the reference stages on `warm_up_reference`, one
+        Text: a small generation. Face: the reference stages on `warm_up_reference`, one
         picker call on two of its boxes, a small generation with the identity priors, then the
         swap onto the reference photo itself (its face is the target: YOLO, SAM, InstantID at the
-        recipe's working size, two sampler steps). A failure here fails start-up: a worker whose
-        face path cannot run must not take face requests."""
-        sizes = [(WARM_UP_SIZE, WARM_UP_SIZE)]
+        recipe's working size, two sampler steps). With `torch.compile` on, every variant of
+        `pipeline.compiled.variants` then runs once (`compile` stage), so no request compiles;
+        the seconds per variant are kept in `speed["text"]["compile"]["warm_up"]`. A failure
+        here fails start-up: a worker whose face path cannot run must not take face requests."""
         compile_report = self.speed.get("text", {}).get("compile", {})
-        if compile_report.get("applied"):
-            sizes += list(COMPILE_WARM_UP_SIZES)
         stages = Timings()
         with self._lock:
-            for width, height in sizes:
-                started = time.perf_counter()
-                with stages.stage("text"), self.residency.holding(TEXT_UNET):
-                    text_to_image(self.text_pipe, GenerationParams(
-                        "warm-up", "", width, height, WARM_UP_STEPS, 2.0, 0))
-                if compile_report.get("applied"):
-                    seconds = round(time.perf_counter() - started, 2)
-                    compile_report.setdefault("warm_up_seconds", {})[f"{width}x{height}"] = seconds
-                    log.info("warm-up %dx%d with torch.compile: %.1f s", width, height, seconds)
+            with stages.stage("text"), self.residency.holding(TEXT_UNET):
+                text_to_image(self.text_pipe, self._warm_up_params())
             with stages.stage("text"), self.residency.holding(TEXT_UNET), \
                     preset_mode(self.text_pipe, FAST):
-                text_to_image(self.text_pipe, GenerationParams(
-                    "warm-up", "", WARM_UP_SIZE, WARM_UP_SIZE, WARM_UP_STEPS, 2.0, 0))
-            if self.warm_up_reference is not None:
-                self._warm_up_face(stages)
+                text_to_image(self.text_pipe, self._warm_up_params())
+            face = self._warm_up_face(stages) if self.warm_up_reference is not None else None
+            if compile_report.get("applied"):
+                with stages.stage("compile"):
+                    compile_report["warm_up"] = warm_up_graphs(
+                        self.compile_watch, lambda variant: self._warm_up_variant(variant, face),
+                        with_face=face is not None)
             self.residency.use(TEXT_UNET)  # serving starts where text requests expect it
             self.state.record()
         for stage, seconds in stages.items():
             log.info("warm-up %s: %.2f s", stage, seconds)
         return dict(stages)
+
+    @staticmethod
+    def _warm_up_params() -> GenerationParams:
+        return GenerationParams("warm-up", "", WARM_UP_SIZE, WARM_UP_SIZE, WARM_UP_STEPS, 2.0, 0)
+
+    def _warm_up_variant(self, variant: Variant, face: tuple[Any, ...] | None) -> None:
+        """One request variant as a request runs it (`pipeline.compiled`): text through
+        `preset_mode`; face through the stage's generation with the warm-up reference repeated
+        `variant.identities` times, and (one identity) its refine through the stage's swap."""
+        params = self._warm_up_params()
+        if variant.mode == "text":
+            with self.residency.holding(TEXT_UNET), preset_mode(self.text_pipe, variant.preset):
+                text_to_image(self.text_pipe, params)
+            return
+        assert face is not None
+        photo, loaded, request = face
+        request = dataclasses.replace(request, preset=variant.preset)
+        self.face_swap.generate([loaded[0]] * variant.identities, request, params)
+        if variant.identities == 1:
+            recipe = dataclasses.replace(self.face_swap.identity.recipe, steps=WARM_UP_STEPS)
+            self.face_swap.swap(photo, loaded, request, params, Timings(), no_progress,
+                                recipe=recipe)
 
     def warm_up_request(self) -> Request:
         """The request the warm-up's face path runs: the warm-up photo as its one reference,
@@ -136,7 +152,9 @@ class CharacterService:
                        steps=WARM_UP_STEPS, seed=0, image_path=str(self.warm_up_reference),
                        require_face_swap=True)
 
-    def _warm_up_face(self, stages: Timings) -> None:
+    def _warm_up_face(self, stages: Timings) -> tuple[Any, ...]:
+        """The face path's warm-up; returns (photo, loaded references, request) for the
+        compile warm-up's face variants."""
         stage = self.face_swap
         request = self.warm_up_request()
         try:
@@ -157,6 +175,7 @@ class CharacterService:
             recipe = dataclasses.replace(stage.identity.recipe, steps=WARM_UP_STEPS)
             with stages.stage("face_swap"):
                 stage.swap(photo, loaded, request, params, Timings(), no_progress, recipe=recipe)
+            return photo, loaded, request
         except PipelineError as error:
             raise PipelineError(f"warm-up of the face path on {self.warm_up_reference} "
                                 f"failed: {error}") from error
@@ -199,20 +218,8 @@ class CharacterService:
             # Counted (and refused over the limit) before any stage runs.
             tokens = prompt_tokens(self.text_pipe, params)
             swapped = self.residency.seconds
-            if request.wants_face_swap:
-                images = [ImageResult(image, one.seed, report) for (image, report), one in zip(
-                    self.face_swap.run_all(request, each, timings, notify), each, strict=True)]
-                mode = "face_swap"
-            else:
-                images = []
-                for one in each:
-                    cancel.check("generate")
-                    notify("generating" if len(each) == 1
-                           else f"generating image {one.seed - seed + 1} of {len(each)}")
-                    with timings.stage("generate"), self.residency.holding(TEXT_UNET), \
-                            preset_mode(self.text_pipe, request.preset):
-                        images.append(ImageResult(text_to_image(self.text_pipe, one), one.seed))
-                mode = "text"
+            with self.compile_watch.request(request_variant(request), timings):
+                images, mode = self._images(request, each, seed, timings, notify)
             result = Result(images, seed, mode, dict(timings), prompt_tokens=tokens,
                             preset=request.preset, steps=params.steps, cfg=params.cfg,
                             scheduler=scheduler_name(self.text_pipe, request.preset),
@@ -221,3 +228,20 @@ class CharacterService:
                 # Inside "generate"/"refine" already; reported apart so the cost is visible.
                 result.timings["unet_swap"] = self.residency.seconds - swapped
         return result
+
+    def _images(self, request: Request, each: list[GenerationParams], seed: int,
+                timings: Timings, notify: Progress) -> tuple[list[ImageResult], str]:
+        """Every image of the request, in its mode ("face_swap" or "text")."""
+        if request.wants_face_swap:
+            return [ImageResult(image, one.seed, report) for (image, report), one in zip(
+                self.face_swap.run_all(request, each, timings, notify), each, strict=True)
+            ], "face_swap"
+        images = []
+        for one in each:
+            cancel.check("generate")
+            notify("generating" if len(each) == 1
+                   else f"generating image {one.seed - seed + 1} of {len(each)}")
+            with timings.stage("generate"), self.residency.holding(TEXT_UNET), \
+                    preset_mode(self.text_pipe, request.preset):
+                images.append(ImageResult(text_to_image(self.text_pipe, one), one.seed))
+        return images, "text"

@@ -10,7 +10,7 @@ adapter is installed (IP-Adapters, LoRA), and returns a report of what it did:
 | `fuse_qkv` | off (`PIPELINE_FUSE_QKV=1`) | one QKV (self-attn) / KV (cross-attn) matmul, only in attention layers with the plain SDPA processor and no LoRA: an IP-Adapter processor reads the separate projections, and a peft LoRA wraps them (diffusers' own `fuse_qkv_projections` would silently drop both). Fusing keeps the separate weights, so it costs VRAM (reported) |
 | `vae` | bf16 on CUDA GPUs that have it | the VAE in bf16 instead of fp16 + diffusers' `force_upcast` (fp32 decode): bf16 has fp32's range, so the SDXL VAE does not overflow, and decode runs at half the memory of fp32 |
 | `vae_tiling` | on | tiled decode only above `VAE_TILE_PIXELS` (1024x1024): the SPEC's sizes decode whole, larger requests (up to 2048x2048) decode in 1024 px tiles at a 1024x1024 image's peak |
-| `compile` | off (`PIPELINE_TORCH_COMPILE=1`) | `torch.compile` of the UNet and ControlNet, in place (`module.compile`); compiles lazily on the first call at each shape, so warm up at `COMPILE_WARM_UP_SIZES` |
+| `compile` | off (`PIPELINE_TORCH_COMPILE=1`) | `torch.compile` of the UNet and ControlNet, in place (`module.compile`), `dynamic=True` (one graph for every size); compiles on the first call of each request variant, which `pipeline.compiled` lists and the service's warm-up runs |
 
 Every switch is idempotent: applying twice changes nothing more.
 """
@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# dynamic=None: the first shape compiles static, the second a dynamic graph for every later one.
-COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": False, "dynamic": None}
-COMPILE_WARM_UP_SIZES = ((832, 1216), (1216, 832))
+# dynamic=True: the first call compiles a graph with symbolic sizes that serves every image
+# size and batch (dynamic=None compiled a static graph first, then a dynamic one: two per
+# variant). fullgraph=False: diffusers' UNet breaks the graph (peft, IP-Adapter masks).
+COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": False, "dynamic": True}
 COMPILED_MODULES = ("unet", "controlnet")
 CHANNELS_LAST_MODULES = ("unet", "controlnet")
 VAE_TILE_PIXELS = 1024 * 1024
@@ -180,16 +181,19 @@ def enable_adaptive_tiling(vae: Any, max_pixels: int = VAE_TILE_PIXELS,
 
 
 def _compile(pipe: DiffusionPipeline, options: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.compiled import RECOMPILE_LIMIT, configure_dynamo
+
+    configure_dynamo()
     compiled = []
     for name, model in _models(pipe, COMPILED_MODULES).items():
         if getattr(model, "_compiled_call_impl", None) is None:
             model.compile(**options)
         compiled.append(name)
-    log.info("torch.compile(%s) on %s: compiles on the first call at each shape", options,
-             ", ".join(compiled))
+    log.info("torch.compile(%s) on %s: compiles on the first call of each request variant "
+             "(the warm-up runs them all, pipeline.compiled)", options, ", ".join(compiled))
     return {"applied": bool(compiled), "modules": compiled,
             "options": {k: str(v) for k, v in options.items()},
-            "warm_up_sizes": [list(s) for s in COMPILE_WARM_UP_SIZES]}
+            "recompile_limit": RECOMPILE_LIMIT}
 
 
 def apply_speed_switches(pipe: DiffusionPipeline, runtime: Runtime, *, compile: bool | dict = False,

@@ -168,9 +168,12 @@ def test_vae_tiles_only_above_the_pixel_budget(base_pipe):
     assert vae.use_tiling is False  # encode is never tiled by this switch
 
 
-def test_warm_up_runs_the_compile_sizes_and_reports_their_seconds(predictor, monkeypatch):
-    """With torch.compile on, `warm_up` also generates at each COMPILE_WARM_UP_SIZES shape (the
-    compilations happen there, not in the first request) and keeps the seconds per shape."""
+def test_warm_up_runs_every_compile_variant_and_reports_their_seconds(predictor, monkeypatch):
+    """With torch.compile on, `warm_up` also runs every request variant of
+    `pipeline.compiled.variants` (the compilations happen there, not in the first request) and
+    keeps a row per variant: graphs added and seconds."""
+    from pipeline import compiled
+
     service = predictor.service
     shapes = []
     real_call = type(service.text_pipe).__call__
@@ -189,7 +192,12 @@ def test_warm_up_runs_the_compile_sizes_and_reports_their_seconds(predictor, mon
     shapes.clear()
     report = {"applied": True}
     monkeypatch.setattr(service, "speed", {"text": {"compile": report}})
-    service.warm_up()
-    assert shapes == [(512, 512), *speed.COMPILE_WARM_UP_SIZES, (512, 512), (512, 512)]
-    assert set(report["warm_up_seconds"]) == {"512x512", "832x1216", "1216x832"}
-    assert all(seconds > 0 for seconds in report["warm_up_seconds"].values())
+    monkeypatch.setattr(service, "compile_watch", compiled.CompileWatch())
+    assert list(service.warm_up()) == ["text", "face_reference", "picker", "face_generate",
+                                       "face_swap", "compile"]
+    # the three above, then one text pipe call per variant
+    assert len(shapes) == 3 + len(compiled.variants())
+    assert [row["variant"] for row in report["warm_up"]] == [
+        v.name for v in compiled.variants()]
+    assert all(row["seconds"] > 0 for row in report["warm_up"])
+    assert service.compile_watch.sealed_at is not None

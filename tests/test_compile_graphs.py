@@ -1,0 +1,115 @@
+"""torch.compile's graph set (`pipeline.compiled`, issue 24): built at start-up, never grown.
+
+Always run (seconds): the variant list, and `CompileWatch` on a small module compiled with
+dynamo's `eager` backend (tracing and guards without a C++ toolchain run): a new graph after
+`seal()` raises in strict mode, and otherwise is a warning naming the variant with its seconds
+in the timings as `compile`.
+
+The request matrix on the twins (`test_matrix_adds_no_graph_after_warm_up`) runs only with
+`PIPELINE_TEST_COMPILE_MATRIX=1`: with compile on, the service's warm-up traces every variant of
+every compiled module with dynamic shapes, and on this 2-core CPU that is 40-70 s of dynamo per
+graph even with the `eager` backend (about 10 minutes for the set), beyond what the default
+suite may spend. It loads its own service with the `eager` backend, warms it up, then runs 12
+requests (quality/fast x text/face x 1, 2 and 4 identities, across 832x1216, 1024x1024 and
+960x640, num_outputs 1 and 2) in strict mode: any graph compiled after the warm-up, or the
+recompile limit reached, fails the test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from pipeline import compiled
+from pipeline.compiled import CompileWatch, GraphsCompiledAfterWarmUp, Variant, graph_count
+
+MATRIX = os.environ.get("PIPELINE_TEST_COMPILE_MATRIX") == "1"
+SPEC_SIZES = ((832, 1216), (1024, 1024), (960, 640))
+
+
+def test_variants_cover_every_request_shape():
+    names = [v.name for v in compiled.variants()]
+    assert names[:2] == ["text/quality", "text/fast"]
+    assert "face/fast/4 identities" in names and len(names) == 2 + 2 * compiled.MAX_IDENTITIES
+    assert [v.mode for v in compiled.variants(with_face=False)] == ["text", "text"]
+    assert compiled.RECOMPILE_LIMIT > len(names)  # the text UNet's wrapper holds all of them
+
+
+class Doubler(torch.nn.Module):
+    """A module of this file (dynamo skips torch's own `nn` modules as frames)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight * (2 if self.training else 3)
+
+
+def test_watch_reports_graphs_built_after_the_seal(caplog):
+    torch._dynamo.reset()
+    compiled.configure_dynamo()
+    layer = Doubler()
+    layer.compile(backend="eager", dynamic=True)
+    watch = CompileWatch()
+    with watch.building("linear"), torch.no_grad():
+        layer(torch.ones(2, 4))
+    assert watch.per_graph[0]["variant"] == "linear" and watch.per_graph[0]["graphs"] == 1
+    watch.seal()
+    timings: dict[str, float] = {}
+    with watch.request(Variant("text", "quality"), timings), torch.no_grad():
+        layer(torch.ones(5, 4))  # dynamic: another batch reuses the graph
+    assert timings == {} and graph_count() == watch.sealed_at
+    layer.training = not layer.training  # a guarded attribute: dynamo compiles again
+    with caplog.at_level(logging.WARNING, "pipeline.compiled"), \
+            watch.request(Variant("face", "fast", 2), timings), torch.no_grad():
+        layer(torch.ones(2, 4))
+    assert "compile" in timings and "face/fast/2 identities" in caplog.text
+    watch.strict = True
+    with pytest.raises(GraphsCompiledAfterWarmUp, match="text/fast"), \
+            watch.request(Variant("text", "fast"), timings), torch.no_grad():
+        layer(torch.ones(2, 4, dtype=torch.float64))  # another dtype: another graph
+    compiled.configure_dynamo(strict=False)
+
+
+@pytest.mark.skipif(not MATRIX, reason="about 15 min on 2 CPU cores: PIPELINE_TEST_COMPILE_MATRIX=1")
+def test_matrix_adds_no_graph_after_warm_up(tiny_weights, monkeypatch):
+    from pipeline import speed
+    from pipeline.schema import validate_request
+    from pipeline.service import CharacterService
+    from pipeline.settings import Settings
+    from tests.face_images import data_uri, marker_scene
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(speed, "COMPILE_OPTIONS", {**speed.COMPILE_OPTIONS, "backend": "eager"})
+    settings = Settings.from_env({"PIPELINE_TORCH_COMPILE": "1", "PIPELINE_DEVICE": "cpu",
+                                  "PIPELINE_REFINE_GUIDE_SIZE": "256",
+                                  "WEIGHTS_DIR": str(tiny_weights)})
+    service = CharacterService.load(settings=settings)
+    service.compile_watch.strict = True
+    compiled.configure_dynamo(strict=True)
+    try:
+        service.warm_up()
+        built = graph_count()
+        rows = service.speed["text"]["compile"]["warm_up"]
+        assert [row["variant"] for row in rows] == [v.name for v in compiled.variants()]
+        references = [data_uri(marker_scene((256, 256), [(60, 60, 180, 200)], seed=k))
+                      for k in range(1, 5)]
+        shapes = [(preset, mode, count) for preset in ("quality", "fast")
+                  for mode in ("text", "face") for count in ((1,) if mode == "text" else (1, 2, 4))]
+        assert len(shapes) >= 12 // 2
+        for number, (preset, mode, count) in enumerate(shapes * 2):
+            width, height = SPEC_SIZES[number % 3]
+            payload = {"prompt": "a knight", "seed": 3, "preset": preset, "width": width,
+                       "height": height, "num_outputs": 1 + number % 2,
+                       "steps": 2 if preset == "quality" else 4}
+            if mode == "face":
+                payload["identities"] = [{"image_url": one} for one in references[:count]]
+            result = service.run(validate_request(payload))
+            assert "compile" not in result.timings, (preset, mode, count, width, height)
+        assert graph_count() == built
+    finally:
+        compiled.configure_dynamo(strict=False)
