@@ -91,6 +91,57 @@ def dynamo_seconds() -> float:
     return float(sum(compilation_time_metrics.get(DYNAMO_COMPILE_TIMER, [])))
 
 
+LATENT_FACTOR = 8  # the SDXL VAE's
+UNET_LEVELS = 4  # attention resolutions a mask may be downsampled to (SDXL uses 3)
+ROW_SLACK = 5  # latent rows a mask's rows may differ by (`regions.ip_adapter_mask_shape`)
+
+
+def latent_grid(mask_rows: Any, mask_columns: Any, num_queries: Any) -> tuple[Any, Any] | None:
+    """The attention layer's (rows, columns) for `num_queries` pixels under a mask of
+    `mask_rows` x `mask_columns` (`pipeline.regions.ip_adapter_masks`: columns = the image's
+    width, rows within a few pixels of its height): the level whose column count (width // 8,
+    then ceil(n / 2) per level) divides `num_queries` into about the mask's rows there. That is
+    the grid diffusers' `IPAdapterMaskProcessor.downsample` recovers for our masks
+    (tests/test_compile_graphs.py walks every legal size), reached with integer arithmetic and
+    comparisons only: on dynamo's symbolic sizes those are guards on expressions, not a
+    specialisation on the size. None when no level matches."""
+    rows, columns = mask_rows // LATENT_FACTOR, mask_columns // LATENT_FACTOR
+    for _ in range(UNET_LEVELS):
+        if num_queries % columns == 0 and abs(num_queries // columns - rows) <= ROW_SLACK:
+            return num_queries // columns, columns
+        rows, columns = (rows + 1) // 2, (columns + 1) // 2
+    return None
+
+
+def _mask_downsample(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def downsample(mask: torch.Tensor, batch_size: int, num_queries: int,
+                   value_embed_dim: int) -> torch.Tensor:
+        grid = latent_grid(mask.shape[1], mask.shape[2], num_queries)
+        if grid is None:
+            return original(mask, batch_size, num_queries, value_embed_dim)
+        small = torch.nn.functional.interpolate(mask.unsqueeze(0), size=grid,
+                                                mode="bicubic").squeeze(0)
+        if small.shape[0] < batch_size:
+            small = small.repeat(batch_size, 1, 1)
+        small = small.view(small.shape[0], -1)
+        return small.view(small.shape[0], small.shape[1], 1).repeat(1, 1, value_embed_dim)
+
+    downsample.original = original  # type: ignore[attr-defined]
+    return downsample
+
+
+def symbolic_mask_downsample() -> None:
+    """Replace diffusers' `IPAdapterMaskProcessor.downsample` (compile on only): its
+    `int(math.sqrt(num_queries / ratio))` makes dynamo specialise every multi-identity graph on
+    the image size. Ours (`latent_grid`) returns the same grid for our masks without that, and
+    falls back to diffusers' for any other mask. Idempotent."""
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    current = IPAdapterMaskProcessor.downsample
+    if not hasattr(current, "original"):
+        IPAdapterMaskProcessor.downsample = staticmethod(_mask_downsample(current))
+
+
 def configure_dynamo(strict: bool = False) -> None:
     """The recompile limit above the graph set; no duck sizing; `strict`: reaching the limit
     raises (tests)."""
@@ -99,6 +150,7 @@ def configure_dynamo(strict: bool = False) -> None:
     # Duck sizing gives equal sizes one symbol: a square warm-up then guards `height == width`
     # and the first portrait request compiled again.
     fx_config.use_duck_shape = False
+    symbolic_mask_downsample()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                RECOMPILE_LIMIT)
     torch._dynamo.config.fail_on_recompile_limit_hit = strict

@@ -138,6 +138,11 @@ def test_bf16_vae_stays_within_a_few_levels(base_pipe, base_image):
 
 
 def test_compile_switch_compiles_in_place(base_pipe, base_image, monkeypatch):
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    # compiling replaces diffusers' mask downsample (pipeline.compiled); put it back afterwards
+    monkeypatch.setattr(IPAdapterMaskProcessor, "downsample",
+                        IPAdapterMaskProcessor.__dict__["downsample"])
     pipe = copy.deepcopy(base_pipe)
     unet = pipe.unet
     report = speed.apply_speed_switches(pipe, RUNTIME, compile=EAGER)["compile"]
