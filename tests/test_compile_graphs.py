@@ -127,10 +127,6 @@ def test_watch_reports_graphs_built_after_the_seal(caplog):
 
 
 @pytest.mark.skipif(not MATRIX, reason="about 15 min on 2 CPU cores: PIPELINE_TEST_COMPILE_MATRIX=1")
-@pytest.mark.xfail(strict=True, raises=GraphsCompiledAfterWarmUp, reason=(
-    "open (issue 24): after the warm-up's 13 graphs, the third request (face/quality, 2 "
-    "identities, 960x640) still compiles one graph; its 2-identity generation alone at a new "
-    "size does not (the mask downsample fix), the guard that fails is not yet found"))
 def test_matrix_adds_no_graph_after_warm_up(tiny_weights, monkeypatch):
     from pipeline import speed
     from pipeline.schema import validate_request
