@@ -31,7 +31,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import compilation_time_metrics, counters
 
-from pipeline.errors import PipelineError
+from pipeline.errors import GraphsCompiledAfterWarmUp, PipelineError  # noqa: F401 - re-exported
 from pipeline.schema import MAX_IDENTITIES, PRESET_CHOICES
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ QUALITY, FAST = PRESET_CHOICES
 RECOMPILE_LIMIT = 16
 # dynamo's own timer of one frame's compilation (`torch._dynamo.utils.dynamo_timed`).
 DYNAMO_COMPILE_TIMER = "_compile.compile_inner"
-
-
-class GraphsCompiledAfterWarmUp(PipelineError):
-    """A request compiled a graph the warm-up did not build (strict mode: tests)."""
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,11 @@ class UploadFailed(PipelineError):
     """An image could not be put in the bucket (`output.upload`) after every try."""
 
 
+class GraphsCompiledAfterWarmUp(PipelineError):
+    """With torch.compile on, a request compiled a graph the warm-up did not build (raised in
+    strict mode, the tests; production logs a warning, `pipeline.compiled.CompileWatch`)."""
+
+
 def shorten(value: object, limit: int = 80) -> str:
     """repr() of a value, cut to ``limit`` characters so error messages stay readable."""
     text = repr(value)
