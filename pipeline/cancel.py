@@ -143,3 +143,15 @@ def step_callback(where: str) -> Any:
         return kwargs
 
     return on_step_end
+
+
+class CountingStepCallback:
+    """`step_callback(where)` that also counts the sampler steps run (a refine reports them)."""
+
+    def __init__(self, where: str):
+        self.steps = 0
+        self._check = step_callback(where)
+
+    def __call__(self, pipe: Any, index: int, timestep: Any, kwargs: dict) -> dict:
+        self.steps += 1
+        return self._check(pipe, index, timestep, kwargs)

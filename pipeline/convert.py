@@ -2,9 +2,8 @@
 
 `python -m pipeline.convert WEIGHTS_DIR` reads each single-file checkpoint once (CyberRealistic
 XL, then Juggernaut XI; one at a time, so the build needs the RAM of one) and writes its four
-weight-bearing components as diffusers/transformers folders of fp16 safetensors. `--profile
-commercial` converts CyberRealistic XL only (that profile never loads Juggernaut XI) and drops
-a conversion of Juggernaut XI left from an earlier run:
+weight-bearing components as diffusers/transformers folders of fp16 safetensors (`--profile
+commercial`: CyberRealistic XL only, and an earlier run's Juggernaut XI conversion dropped):
 
     WEIGHTS_DIR/converted/cyberrealistic/{unet,vae,text_encoder,text_encoder_2}/
     WEIGHTS_DIR/converted/juggernaut/unet/ ...
@@ -63,19 +62,14 @@ DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
 ComponentCache = dict[tuple[str, str, str], Any]
 
 
-def checkpoints(layout: Layout) -> dict[str, Path]:
-    """The single-file checkpoints converted, by name, in conversion order."""
-    return {"cyberrealistic": layout.cyberrealistic, "juggernaut": layout.juggernaut}
-
-
 # The checkpoints each profile converts. CyberRealistic comes first in both, so a component it
 # shares with Juggernaut is stored under cyberrealistic/ and never points into juggernaut/.
 PROFILE_CHECKPOINTS = {SEED: ("cyberrealistic", "juggernaut"), COMMERCIAL: ("cyberrealistic",)}
 
 
-def profile_checkpoints(layout: Layout, profile: str) -> dict[str, Path]:
-    """`checkpoints(layout)` limited to what `profile` loads, in conversion order."""
-    every = checkpoints(layout)
+def checkpoints(layout: Layout, profile: str = SEED) -> dict[str, Path]:
+    """The single-file checkpoints `profile` converts (seed: every one), by name, in order."""
+    every = {"cyberrealistic": layout.cyberrealistic, "juggernaut": layout.juggernaut}
     return {name: every[name] for name in PROFILE_CHECKPOINTS[profile]}
 
 
@@ -238,7 +232,7 @@ def convert_weights(root: Path, dtype: torch.dtype | None = DEFAULT_DTYPE,
     current (same sources, same dtype) unless `force`. The tree is written beside the old one
     and swapped in at the end, so an interrupted build never leaves a half conversion."""
     layout = Layout(Path(root))
-    sources = profile_checkpoints(layout, profile)
+    sources = checkpoints(layout, profile)
     if not force:
         current = {name: read_manifest(layout, name) for name in sources}
         if all(m is not None and (dtype is None or m.dtype == str(dtype).removeprefix("torch."))
@@ -389,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                                 profile=args.profile)
     if args.remove_sources:
         layout = Layout(args.weights_dir)
-        for name, source in profile_checkpoints(layout, args.profile).items():
+        for name, source in checkpoints(layout, args.profile).items():
             if source.exists() and read_manifest(layout, name) is not None:
                 source.unlink()
                 log.info("removed %s (converted under %s)", source, converted_root(layout))

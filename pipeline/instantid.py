@@ -29,7 +29,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetInpaintPipeline
 from PIL import Image, ImageDraw
 
-from pipeline.cancel import step_callback
+from pipeline.cancel import CountingStepCallback
 from pipeline.convert import ComponentCache, load_converted_components, pipeline_options
 from pipeline.device import Runtime
 from pipeline.errors import InvalidInput, PipelineError, shorten
@@ -262,13 +262,7 @@ def refine_crop(pipe: StableDiffusionXLControlNetInpaintPipeline, crop: Image.Im
     prompt, negative = recipe_prompts(params.prompt, params.negative_prompt)
     pipe.set_ip_adapter_scale(adapter_scale)
     schedule_steps, strength = comfy_schedule(recipe.steps, recipe.denoise)
-    steps_run = [0]
-    stop_check = step_callback("refine")
-
-    def count_step(_pipe: Any, index: int, timestep: Any, kwargs: dict) -> dict:
-        steps_run[0] += 1
-        return stop_check(_pipe, index, timestep, kwargs)
-
+    count_step = CountingStepCallback("refine")
     # diffusers' ControlNet-inpaint pipeline upcasts an fp16 VAE with `force_upcast` to fp32
     # for encoding and never casts it back; the text pipe shares this VAE.
     with vae_dtype_kept(pipe), torch.inference_mode():
@@ -293,7 +287,7 @@ def refine_crop(pipe: StableDiffusionXLControlNetInpaintPipeline, crop: Image.Im
                 callback_on_step_end=count_step,
             )
     if report is not None:
-        report.update(steps=steps_run[0], denoise=recipe.denoise, schedule_steps=schedule_steps)
+        report.update(steps=count_step.steps, denoise=recipe.denoise, schedule_steps=schedule_steps)
     log.info("refined a %dx%d crop at %dx%d in %d sampler steps", width, height, work_w, work_h,
-             steps_run[0])
+             count_step.steps)
     return result.images[0].resize((width, height), Image.Resampling.LANCZOS)

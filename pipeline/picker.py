@@ -12,11 +12,9 @@ Never fatal: one face or no description makes no model call, and any failure (mo
 timeout, unusable answer) falls back to the largest face with `picked_by` saying why. The
 design and the sizes (image tokens, context, VRAM) are explained in docs/picker.md.
 
-Two things keep the model seeing what it was trained on: `check_projector` refuses a vision
-projector llama.cpp would run as a different encoder than the profile's model was trained with
-(for the seed a Qwen2-VL or fork-era Qwen2.5-VL conversion, for the commercial profile a
-Qwen2.5-VL one), and `PICKER_CHAT_FORMAT` ends the prompt with `<|im_start|>assistant` and its
-newline, which the stock handler's template loses.
+The model sees what it was trained on: `check_projector` refuses a projector llama.cpp would run
+as another encoder than the profile's model's, and `PICKER_CHAT_FORMAT` ends the prompt with
+`<|im_start|>assistant` and its newline, which the stock handler's template loses.
 """
 
 from __future__ import annotations

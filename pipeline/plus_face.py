@@ -28,7 +28,7 @@ import torch
 from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from pipeline.cancel import step_callback
+from pipeline.cancel import CountingStepCallback
 from pipeline.convert import pipeline_options
 from pipeline.errors import InvalidInput
 from pipeline.generate import (
@@ -165,13 +165,7 @@ class PlusFaceModels:
         clip = self._tokens([reference], recipe.cfg > 1.0)
         prompt, negative = recipe_prompts(params.prompt, params.negative_prompt)
         schedule_steps, strength = comfy_schedule(recipe.steps, recipe.denoise)
-        steps_run = [0]
-        stop_check = step_callback("refine")
-
-        def count_step(_pipe: Any, index: int, timestep: Any, kwargs: dict) -> dict:
-            steps_run[0] += 1
-            return stop_check(_pipe, index, timestep, kwargs)
-
+        count_step = CountingStepCallback("refine")
         with plus_face_on(pipe, self.adapters, self.scale), vae_dtype_kept(pipe), \
                 torch.inference_mode():
             result = pipe(**encode_prompts(pipe, prompt, negative).pipeline_kwargs(),
@@ -181,10 +175,10 @@ class PlusFaceModels:
                           generator=seeded_generator(seed), output_type="pil",
                           callback_on_step_end=count_step)
         if report is not None:
-            report.update(steps=steps_run[0], denoise=recipe.denoise,
+            report.update(steps=count_step.steps, denoise=recipe.denoise,
                           schedule_steps=schedule_steps)
         log.info("refined a %dx%d crop at %dx%d in %d sampler steps (Plus Face inpaint)",
-                 width, height, work_w, work_h, steps_run[0])
+                 width, height, work_w, work_h, count_step.steps)
         return result.images[0].resize((width, height), Image.Resampling.LANCZOS)
 
 
