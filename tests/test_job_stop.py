@@ -352,6 +352,16 @@ def test_job_stop_for_a_finished_job_is_harmless(plane, stop_worker, worker):
     first_input, second_input = {**SHORT, "seed": 5}, {**SHORT, "seed": 6}
     first = plane.queue(first_input)
     assert stop_worker.result(first)["output"]["status"] == "success"
+    # The SDK posts the result before its job task ends ("Finished." is logged in between):
+    # a stop in that gap is one for a running task. At concurrency 1 the SDK polls job-take
+    # again only once the task is gone (its `finally` drops it from `jobs_tasks` and
+    # `job_progress` together), so that poll marks the job as finished in the SDK too.
+    released = plane.take_of(first).answered
+    stop_worker.wait(
+        lambda: [request for request in plane.requests if request.time > released
+                 and "/job-take" in request.path
+                 and request.query.get("job_in_progress") == "0"],
+        f"a job-take poll after {first} ended in the SDK")
 
     plane.stop(first)
     [delivery] = stop_worker.wait(
