@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import secrets
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -101,18 +102,29 @@ class CharacterService:
         swap onto the reference photo itself (its face is the target: YOLO, SAM, InstantID at the
         recipe's working size, two sampler steps). With `torch.compile` on, every variant of
         `pipeline.compiled.variants` then runs once (`compile` stage), so no request compiles;
-        the seconds per variant are kept in `speed["text"]["compile"]["warm_up"]`. A failure
+        the graphs and seconds of each ordinary stage and each variant are kept in
+        `speed["text"]["compile"]["warm_up"]`. A failure
         here fails start-up: a worker whose face path cannot run must not take face requests."""
         compile_report = self.speed.get("text", {}).get("compile", {})
+        compiling = bool(compile_report.get("applied"))
+
+        def graphs_of(name: str) -> AbstractContextManager[None]:
+            # With compile on, the ordinary stages build the first graphs: their rows too.
+            return self.compile_watch.building(name) if compiling else nullcontext()
+
         stages = Timings()
         with self._lock:
-            with stages.stage("text"), self.residency.holding(TEXT_UNET):
+            with stages.stage("text"), graphs_of("warm-up text/quality"), \
+                    self.residency.holding(TEXT_UNET):
                 text_to_image(self.text_pipe, self._warm_up_params())
-            with stages.stage("text"), self.residency.holding(TEXT_UNET), \
-                    preset_mode(self.text_pipe, FAST):
+            with stages.stage("text"), graphs_of("warm-up text/fast"), \
+                    self.residency.holding(TEXT_UNET), preset_mode(self.text_pipe, FAST):
                 text_to_image(self.text_pipe, self._warm_up_params())
-            face = self._warm_up_face(stages) if self.warm_up_reference is not None else None
-            if compile_report.get("applied"):
+            face = None
+            if self.warm_up_reference is not None:
+                with graphs_of("warm-up face path"):
+                    face = self._warm_up_face(stages)
+            if compiling:
                 with stages.stage("compile"):
                     compile_report["warm_up"] = warm_up_graphs(
                         self.compile_watch, lambda variant: self._warm_up_variant(variant, face),
@@ -136,7 +148,8 @@ class CharacterService:
             with self.residency.holding(TEXT_UNET), preset_mode(self.text_pipe, variant.preset):
                 text_to_image(self.text_pipe, params)
             return
-        assert face is not None
+        if face is None:
+            raise PipelineError(f"the {variant.name} compile warm-up needs the face path")
         photo, loaded, request = face
         request = dataclasses.replace(request, preset=variant.preset)
         self.face_swap.generate([loaded[0]] * variant.identities, request, params)
