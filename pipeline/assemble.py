@@ -16,7 +16,6 @@ text pipe and an inpaint pipe on the same components (one UNet: nothing to swap)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,12 +29,7 @@ from pipeline.convert import ComponentCache, load_converted_text_pipeline, sdxl_
 from pipeline.device import Runtime, pick_runtime
 from pipeline.faces import FaceModels, face_model_files, load_face_models
 from pipeline.identity import IdentityModels, identity_files, install_identity_adapters
-from pipeline.instantid import (
-    COMPILED_SIZE_MULTIPLE,
-    RefineRecipe,
-    load_refine_pipeline,
-    recipe_for,
-)
+from pipeline.instantid import load_refine_pipeline, recipe_for
 from pipeline.ip_adapters import FaceEncoder
 from pipeline.layout import Layout
 from pipeline.picker import FacePicker
@@ -106,16 +100,8 @@ def load_identity_models(layout: Layout, runtime: Runtime,
             speed["refine"] = report
     if residency is not None:
         residency.add(REFINE_UNET, refine_pipe.unet)
-    recipe = compiled_recipe(recipe_for(settings.refine_guide_size if settings is not None
-                                        else None), settings)
+    recipe = recipe_for(settings.refine_guide_size if settings is not None else None)
     return IdentityModels(text_pipe, adapters, encoder, refine_pipe, recipe, residency)
-
-
-def compiled_recipe(recipe: RefineRecipe, settings: Settings | None) -> RefineRecipe:
-    """`recipe` with the refine crop sizes torch.compile's one graph needs when compile is on."""
-    if settings is None or not settings.torch_compile:
-        return recipe
-    return dataclasses.replace(recipe, size_multiple=COMPILED_SIZE_MULTIPLE)
 
 
 def commercial_files(layout: Layout) -> list[Path]:
@@ -145,7 +131,7 @@ def load_commercial_models(settings: Settings) -> Models:
     residency.add(TEXT_UNET, text_pipe.unet)
     residency.use(TEXT_UNET)
     identity = PlusFaceModels(text_pipe, adapters, encoder, refine_pipe,
-                              compiled_recipe(recipe_for(settings.refine_guide_size), settings))
+                              recipe_for(settings.refine_guide_size))
     log.info("commercial models loaded in %.1f s on %s (%d CPU threads); speed switches: %s",
              time.perf_counter() - started, runtime.device, torch.get_num_threads(), speed)
     return Models(layout, runtime, text_pipe, faces, identity, picker, residency, speed,

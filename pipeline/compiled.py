@@ -138,6 +138,25 @@ def symbolic_mask_downsample() -> None:
         IPAdapterMaskProcessor.downsample = staticmethod(_mask_downsample(current))
 
 
+# `UNet2DConditionModel.forward` passes the skip connections' sizes to its upsamplers only when
+# a latent side is not a multiple of `2 ** num_upsamplers` (`forward_upsample_size`), so an
+# off-factor size (a refine crop at a multiple of 8 px, a text width not a multiple of 32 px)
+# takes another branch: another graph. With a factor above every latent side it always takes
+# the sized branch, whose nearest-neighbour interpolation to twice the size gives the same
+# values as `scale_factor=2` (tested), for every size on one graph. num_upsamplers is read
+# nowhere else in diffusers 0.42.1's UNet.
+SIZED_UPSAMPLING_UPSAMPLERS = 16  # factor 65536; latent sides stay below 2048 / 8 = 256
+
+
+def sized_upsampling(model: torch.nn.Module) -> bool:
+    """Make a diffusers UNet forward its upsampling sizes at every size (set once, at compile
+    time, before the warm-up); False for a model without upsamplers (the ControlNet)."""
+    if not isinstance(getattr(model, "num_upsamplers", None), int):
+        return False
+    model.num_upsamplers = SIZED_UPSAMPLING_UPSAMPLERS
+    return True
+
+
 def configure_dynamo(strict: bool = False) -> None:
     """The recompile limit above the graph set; no duck sizing; `strict`: reaching the limit
     raises (tests)."""

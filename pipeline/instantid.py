@@ -58,11 +58,6 @@ REFINE_DENOISE = 0.6
 GUIDE_SIZE = 1024
 MAX_SIZE = 1024
 SIZE_MULTIPLE = 8
-# With torch.compile on, crops are refined at multiples of 64 px: the UNet takes another branch
-# (and so another graph) when a latent side is not a multiple of its upsampling factor (4 in
-# SDXL: `forward_upsample_size`), and 64 px (latent 8) keeps every crop on one graph
-# (docs/performance.md). Off, the recipe's 8 keeps the seed's bytes.
-COMPILED_SIZE_MULTIPLE = 64
 # The refinement's sampler noise is seeded with the request seed plus this offset, so it is
 # reproducible yet not the same noise stream as the generation pass.
 REFINE_SEED_OFFSET = 1
@@ -87,7 +82,6 @@ class RefineRecipe:
     denoise: float = REFINE_DENOISE  # ComfyUI's denoise (see comfy_schedule)
     guide_size: int = GUIDE_SIZE
     max_size: int = MAX_SIZE
-    size_multiple: int = SIZE_MULTIPLE  # COMPILED_SIZE_MULTIPLE with torch.compile on
 
 
 RECIPE = RefineRecipe()
@@ -191,16 +185,16 @@ def draw_keypoints(size: tuple[int, int], keypoints: np.ndarray) -> Image.Image:
 
 
 def work_size(size: tuple[int, int], guide_size: int = GUIDE_SIZE,
-              max_size: int = MAX_SIZE, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+              max_size: int = MAX_SIZE) -> tuple[int, int]:
     """The size a crop is refined at: short side toward `guide_size`, long side at most
-    `max_size`, both rounded down to a multiple of `multiple` (8; at least `multiple`)."""
+    `max_size`, both rounded down to a multiple of 8 (at least 8)."""
     width, height = size
     if width < 1 or height < 1:
         raise InvalidInput("crop", f"must be at least 1x1 pixels, got {width}x{height}")
     scale = min(guide_size / min(width, height), max_size / max(width, height))
 
     def fit(side: int) -> int:
-        return max(multiple, int(side * scale) // multiple * multiple)
+        return max(SIZE_MULTIPLE, int(side * scale) // SIZE_MULTIPLE * SIZE_MULTIPLE)
 
     return fit(width), fit(height)
 
@@ -248,8 +242,7 @@ def refine_crop(pipe: StableDiffusionXLControlNetInpaintPipeline, crop: Image.Im
     if mask.size != crop.size:
         raise InvalidInput("mask", f"must have the crop's size {crop.size}, got {mask.size}")
     width, height = crop.size
-    work_w, work_h = work_size(crop.size, recipe.guide_size, recipe.max_size,
-                               recipe.size_multiple)
+    work_w, work_h = work_size(crop.size, recipe.guide_size, recipe.max_size)
     keypoints = np.asarray(target_keypoints, dtype=np.float64) * [work_w / width, work_h / height]
     control = draw_keypoints((work_w, work_h), keypoints)
     image = crop.convert("RGB").resize((work_w, work_h), Image.Resampling.LANCZOS)

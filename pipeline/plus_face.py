@@ -157,8 +157,7 @@ class PlusFaceModels:
         recipe = recipe or self.recipe
         seed = refine_seed(params.seed) if seed is None else seed
         width, height = crop.size
-        work_w, work_h = work_size(crop.size, recipe.guide_size, recipe.max_size,
-                                   recipe.size_multiple)
+        work_w, work_h = work_size(crop.size, recipe.guide_size, recipe.max_size)
         image = crop.convert("RGB").resize((work_w, work_h), Image.Resampling.LANCZOS)
         work_mask = mask.convert("L").resize((work_w, work_h), Image.Resampling.BILINEAR)
         pipe = self.refine_pipe

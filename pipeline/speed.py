@@ -181,12 +181,13 @@ def enable_adaptive_tiling(vae: Any, max_pixels: int = VAE_TILE_PIXELS,
 
 
 def _compile(pipe: DiffusionPipeline, options: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.compiled import RECOMPILE_LIMIT, configure_dynamo
+    from pipeline.compiled import RECOMPILE_LIMIT, configure_dynamo, sized_upsampling
 
     configure_dynamo()
     compiled = []
     for name, model in _models(pipe, COMPILED_MODULES).items():
         if getattr(model, "_compiled_call_impl", None) is None:
+            sized_upsampling(model)
             model.compile(**options)
         compiled.append(name)
     log.info("torch.compile(%s) on %s: compiles on the first call of each request variant "

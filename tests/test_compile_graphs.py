@@ -135,6 +135,63 @@ def test_watch_reports_graphs_built_after_the_seal(caplog):
     compiled.configure_dynamo(strict=False)
 
 
+def _small_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=2).eval()
+
+
+def _unet_call(unet, rows: int, columns: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(rows * 100 + columns)
+    sample = torch.randn(2, 4, rows, columns, generator=generator)
+    context = torch.randn(2, 3, 8, generator=generator)
+    with torch.no_grad():
+        return unet(sample, 10, encoder_hidden_states=context).sample
+
+
+# latent sides on and off the small UNet's upsampling factor (2): the two branches of
+# `forward_upsample_size`
+LATENT_SIZES = ((8, 8), (9, 8), (10, 6), (7, 11))
+
+
+def test_sized_upsampling_gives_the_same_values_at_every_size():
+    """Forwarding the upsampling sizes at every size (`sized_upsampling`, compile on) changes
+    no value: nearest interpolation to twice the size is `scale_factor=2`."""
+    import copy
+
+    plain = _small_unet()
+    sized = copy.deepcopy(plain)
+    assert compiled.sized_upsampling(sized) and not compiled.sized_upsampling(torch.nn.Linear(2, 2))
+    assert sized.num_upsamplers == compiled.SIZED_UPSAMPLING_UPSAMPLERS
+    for rows, columns in LATENT_SIZES:
+        assert torch.equal(_unet_call(sized, rows, columns), _unet_call(plain, rows, columns))
+
+
+@pytest.mark.parametrize("sized", [False, True])
+def test_sized_upsampling_keeps_every_size_on_one_graph(sized):
+    """Compiled with dynamic shapes, diffusers' UNet builds a second graph for a latent side off
+    its upsampling factor (the control case); with `sized_upsampling`, every size is one."""
+    unet = _small_unet()
+    if sized:
+        compiled.sized_upsampling(unet)
+    torch._dynamo.reset()
+    compiled.configure_dynamo(strict=True)
+    try:
+        unet.compile(backend="eager", dynamic=True)
+        before = graph_count()
+        for rows, columns in LATENT_SIZES:
+            _unet_call(unet, rows, columns)
+        assert graph_count() - before == (1 if sized else 2)
+    finally:
+        compiled.configure_dynamo(strict=False)
+        torch._dynamo.reset()
+
+
 def _pixel_difference(compiled_image, eager_image) -> dict[str, float]:
     """How far a compiled render is from the eager one: absolute uint8 differences."""
     import numpy as np

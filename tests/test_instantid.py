@@ -76,27 +76,3 @@ def test_identity_embeds_put_the_zero_embedding_first():
     assert torch.equal(batch[1].flatten(), torch.from_numpy(embedding))  # raw, not normed
     assert identity_embeds(embedding, False, torch.device("cpu"), torch.float32).shape == (
         1, 1, 1, 512)
-
-
-def test_compiled_refine_sizes_are_multiples_of_64_and_the_default_stays_8():
-    """With torch.compile on, every crop is refined at a size whose latent sides are multiples
-    of SDXL's upsampling factor (one UNet graph, issue 24); off, the recipe's multiple of 8."""
-    import dataclasses
-
-    from pipeline.assemble import compiled_recipe
-    from pipeline.instantid import COMPILED_SIZE_MULTIPLE, RECIPE, work_size
-    from pipeline.settings import Settings
-
-    assert compiled_recipe(RECIPE, Settings()) == RECIPE
-    assert compiled_recipe(RECIPE, None) == RECIPE
-    on = compiled_recipe(RECIPE, Settings(torch_compile=True))
-    assert on == dataclasses.replace(RECIPE, size_multiple=COMPILED_SIZE_MULTIPLE)
-    odd = []
-    for width in range(40, 1400, 37):
-        for height in (45, 200, 333, 640, 1111):
-            w, h = work_size((width, height), 256, 1024, on.size_multiple)
-            assert w % 64 == 0 and h % 64 == 0 and w >= 64 and h >= 64
-            plain = work_size((width, height), 256, 1024)
-            assert plain[0] % 8 == 0 and plain[1] % 8 == 0
-            odd += [side for side in plain if (side // 8) % 4]
-    assert odd, "the default multiple of 8 gives latent sides off the factor of 4 (why 64)"
