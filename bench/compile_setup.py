@@ -9,8 +9,9 @@ count after setup and the seconds per graph; writes JSON with `--json`.
 
     python -m bench.compile_setup [--weights DIR] [--backend inductor] [--json FILE]
 
-Without `--weights` it writes the tiny twins to a temporary folder: CPU figures of the twins
-(a GPU's are `bench/gpu.py --compile`'s). One child run: `--child --json FILE`.
+Without `--weights` it writes the tiny twins to a temporary folder: CPU figures of the twins.
+On a GPU host, `--weights` a full-size tree (`bench/fullsize.py`) gives the production figures
+(the device is the service's own choice, `PIPELINE_DEVICE`). One child run: `--child --json FILE`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def child(weights: Path, backend: str, out: Path) -> None:
 
     speed.COMPILE_OPTIONS = {**speed.COMPILE_OPTIONS, "backend": backend}
     settings = Settings.from_env({**os.environ, "PIPELINE_TORCH_COMPILE": "1",
-                                  "PIPELINE_DEVICE": os.environ.get("PIPELINE_DEVICE", "cpu"),
                                   "WEIGHTS_DIR": str(weights)})
     started = time.perf_counter()
     service = CharacterService.load(settings=settings)
