@@ -48,7 +48,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PIPELINE_DEVICE", "CUDA when present", "`cpu` forces the CPU (fp32)"),
     Setting("PIPELINE_UNET_SWAP", "`auto`", "the two SDXL UNets take turns on GPUs under 28 GiB; "
             "`1` always, `0` never (docs/performance.md)"),
-    Setting("PIPELINE_TORCH_COMPILE", "off", "`torch.compile` of the UNets and ControlNet"),
+    Setting("PIPELINE_TORCH_COMPILE", "off", "`torch.compile` of the UNets and ControlNet: "
+            "every graph is built by the start-up warm-up (minutes longer; keep "
+            "`TORCHINDUCTOR_CACHE_DIR` on a volume), a graph built later is a loud warning "
+            "and a `compile` timing (docs/compile.md)"),
     Setting("PIPELINE_TORCH_COMPILE_MODE", "torch's default",
             "`default`, `reduce-overhead`, `max-autotune` or `max-autotune-no-cudagraphs`"),
     Setting("PIPELINE_FUSE_QKV", "off", "fused attention projections where adapters allow "
