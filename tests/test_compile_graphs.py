@@ -231,7 +231,7 @@ def test_matrix_adds_no_graph_after_warm_up(tiny_weights, monkeypatch):
         print(f"\ncompile backend {BACKEND}, profile {PROFILE}: {built - before} graphs "
               "after setup")
         for row in rows:
-            print(f"  {row['variant']:24s} {row['graphs']} graph(s) {row['seconds']:7.1f} s "
+            print(f"  {row['variant']:26s} {row['graphs']} graph(s) {row['seconds']:7.1f} s "
                   f"({row['dynamo_seconds']:.1f} s in dynamo)")
         assert sum(row["graphs"] for row in rows) == built - before
         assert [row["variant"] for row in rows][3:] == [v.name for v in compiled.variants()]
@@ -239,7 +239,7 @@ def test_matrix_adds_no_graph_after_warm_up(tiny_weights, monkeypatch):
                       for k in range(1, 5)]
         shapes = [(preset, mode, count) for preset in ("quality", "fast")
                   for mode in ("text", "face") for count in ((1,) if mode == "text" else (1, 2, 4))]
-        differences = []
+        differences, swapped = [], 0
         for number, (preset, mode, count) in enumerate(shapes * 2):
             width, height = SPEC_SIZES[number % 3]
             payload = {"prompt": "a knight", "seed": 3, "preset": preset, "width": width,
@@ -254,8 +254,9 @@ def test_matrix_adds_no_graph_after_warm_up(tiny_weights, monkeypatch):
             for got, want in zip(result.images, expected.images, strict=True):
                 assert (got.face_swap is None) == (want.face_swap is None)
                 if got.face_swap is not None:
-                    assert [i.applied for i in got.face_swap.identities] == \
-                        [i.applied for i in want.face_swap.identities]
+                    applied = [i.applied for i in got.face_swap.identities]
+                    assert applied == [i.applied for i in want.face_swap.identities]
+                    swapped += sum(applied)
                 difference = _pixel_difference(got.image, want.image)
                 differences.append(difference)
                 print(f"  {preset}/{mode}/{count} {width}x{height}: {difference}")
@@ -265,7 +266,9 @@ def test_matrix_adds_no_graph_after_warm_up(tiny_weights, monkeypatch):
                     assert difference["mean"] <= INDUCTOR_TOLERANCE["mean"], difference
                     assert difference["p99"] <= INDUCTOR_TOLERANCE["p99"], difference
         print(f"compile backend {BACKEND}: {graph_count() - before} graphs after the matrix "
-              f"({len(shapes) * 2} requests, {len(differences)} images)")
+              f"({len(shapes) * 2} requests, {len(differences)} images, {swapped} faces "
+              "swapped and refined)")
+        assert swapped, "no face was swapped: the refine graphs went untested"
         assert graph_count() == built
     finally:
         compiled.configure_dynamo(strict=False)
