@@ -30,7 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(weights: Path, backend: str, out: Path) -> None:
-    """One setup with compile on; its warm-up rows and totals go to `out`."""
+    """One setup with compile on; its warm-up rows and totals go to `out` (and each row to
+    stderr as it ends: the warm-up's log)."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from pipeline import speed
     from pipeline.compiled import graph_count
     from pipeline.service import CharacterService
