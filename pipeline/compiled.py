@@ -7,7 +7,7 @@ guards on the module state a request switches: the attention processors (identit
 or off), the peft LoRA layers' enabled flag and active adapters (fast preset, FaceID LoRA), the
 IP-Adapter mask list (several identities) and its length. Each such state is one *variant*, and
 each variant is one graph per compiled module (more where dynamo breaks the graph). The variants
-a request can reach are finite and listed by `variants(profile)`; `warm_up_graphs` runs each
+a request can reach are finite and listed by `variants()`; `warm_up_graphs` runs each
 once at start-up, so a request never compiles.
 
 `CompileWatch` counts dynamo's graphs (`counters["stats"]["unique_graphs"]`) around every
